@@ -1,0 +1,79 @@
+"""The ``metaflow-services`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="metaflow-services",
+        description="Run Metaflow flows on Airflow 3 on one machine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="Compile a Metaflow flow file into an Airflow DAG file.",
+                       description="Compile FLOW_FILE into DIR/<dag_id>.py and upload its code "
+                                   "package. Same as `python FLOW_FILE airflow3 create DIR`.")
+    c.add_argument("flow_file")
+    c.add_argument("-o", "--output-dir", default=None,
+                   help="Where to write the DAG file (default: $MFS_DAGS_FOLDER, else ./dags).")
+    c.add_argument("--tag", action="append", default=[], help="Tag every run (repeatable).")
+    c.add_argument("--image", help="Container image for every step of this flow.")
+    c.add_argument("--step-image", action="append", default=[], metavar="STEP=IMAGE",
+                   help="Container image for one step (repeatable).")
+    c.add_argument("--dag-id", help="Airflow DAG id (default: the flow name).")
+    c.add_argument("--json", action="store_true", help="Print a JSON summary.")
+    c.set_defaults(func=cmd_compile)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def cmd_compile(args):
+    flow_file = args.flow_file
+    if not os.path.isfile(flow_file):
+        print("metaflow-services: no such flow file: %s" % flow_file, file=sys.stderr)
+        return EXIT_USAGE
+    err = syntax_error(flow_file)
+    if err:
+        print("metaflow-services: %s\nRefused: no DAG file written." % err, file=sys.stderr)
+        return EXIT_REFUSED
+    out = args.output_dir or os.environ.get("MFS_DAGS_FOLDER") or os.path.join(os.getcwd(), "dags")
+    os.makedirs(out, exist_ok=True)
+    cmd = [sys.executable, os.path.abspath(flow_file), "--no-pylint", "airflow3", "create",
+           os.path.abspath(out) + os.sep]
+    for t in args.tag:
+        cmd += ["--tag", t]
+    if args.image:
+        cmd += ["--image", args.image]
+    for si in args.step_image:
+        cmd += ["--step-image", si]
+    if args.dag_id:
+        cmd += ["--dag-id", args.dag_id]
+    if args.json:
+        cmd += ["--json"]
+    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(flow_file)))
+    if proc.returncode != 0:
+        print("Refused: %s was not compiled; no DAG file written." % flow_file, file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def syntax_error(path):
+    """'file:line: message' for a Python syntax error, else None."""
+    with open(path, "rb") as f:
+        source = f.read()
+    try:
+        compile(source, path, "exec")
+    except SyntaxError as e:
+        return "%s:%s: syntax error: %s" % (path, e.lineno, e.msg)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

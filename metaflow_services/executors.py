@@ -1,0 +1,265 @@
+"""Where a Metaflow task runs: a Docker container per task, or a subprocess of
+the Airflow worker.
+
+Both executors run the same program, ``bootstrap.py`` (as ``python -c``), with
+the same environment; they differ only in isolation. ``run`` blocks, feeds
+every output line to a callback and returns the exit code; ``kill_all`` (called
+when Airflow cancels or times out the task) stops everything still running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigurationError, Settings
+
+BOOTSTRAP_SOURCE = (Path(__file__).with_name("bootstrap.py")).read_text()
+
+
+@dataclass
+class Launch:
+    name: str                      # unique per Metaflow task (container name)
+    env: dict                      # full task environment (includes MFS_TASK)
+    image: str | None = None
+    resources: dict | None = None  # @resources: cpu, memory (MB), gpu, shared_memory (MB)
+    labels: dict = field(default_factory=dict)
+
+
+class ExecutorError(Exception):
+    pass
+
+
+def make_executor(settings: Settings, log):
+    if settings.executor == "docker":
+        return DockerExecutor(settings, log)
+    return SubprocessExecutor(settings, log)
+
+
+class SubprocessExecutor:
+    """Runs the task as a child of the Airflow worker process. No isolation and
+    no resource limits: @resources is reported, not enforced."""
+
+    name = "subprocess"
+
+    def __init__(self, settings: Settings, log):
+        self.settings = settings
+        self.log = log
+        self._procs = {}
+        self._lock = threading.Lock()
+
+    def describe(self, launch):
+        return "subprocess on the Airflow worker"
+
+    def run(self, launch: Launch, on_line) -> int:
+        if launch.resources:
+            self.log.info("@resources %s is not enforced by the subprocess executor "
+                          "(use MFS_EXECUTOR=docker for limits).", launch.resources)
+        env = dict(launch.env)
+        for k in ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "SSL_CERT_FILE",
+                  "REQUESTS_CA_BUNDLE"):
+            if k in os.environ and k not in env:
+                env[k] = os.environ[k]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BOOTSTRAP_SOURCE],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        with self._lock:
+            self._procs[launch.name] = proc
+        try:
+            for raw in iter(proc.stdout.readline, b""):
+                on_line(raw.decode("utf-8", "replace").rstrip("\n"))
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._procs.pop(launch.name, None)
+
+    def kill_all(self):
+        with self._lock:
+            procs = list(self._procs.values())
+        for proc in procs:
+            # The bootstrap forwards SIGTERM to the step's own process group.
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _die_with_parent():
+    # If the Airflow task process is SIGKILLed, take the bootstrap with it
+    # (it then stops the step's process group).
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class DockerExecutor:
+    """One container per task, removed afterwards. The code-package cache is a
+    Docker volume (or host path) shared by all step containers."""
+
+    name = "docker"
+
+    def __init__(self, settings: Settings, log):
+        import docker  # imported here: parse time and the subprocess executor don't need it
+
+        self.settings = settings
+        self.log = log
+        try:
+            self.client = docker.from_env(timeout=120)
+            self.client.ping()
+        except Exception as e:
+            raise ConfigurationError(
+                "MFS_EXECUTOR=docker, but the Docker engine is not reachable from the "
+                "Airflow worker (%s). Mount the Docker socket into the worker or use "
+                "MFS_EXECUTOR=subprocess." % e
+            )
+        self._containers = {}
+        self._lock = threading.Lock()
+
+    def describe(self, launch):
+        return "docker container %s (image %s)" % (launch.name, launch.image)
+
+    def _ensure_image(self, image):
+        import docker.errors
+
+        if self.settings.docker_pull == "always":
+            self.client.images.pull(image)
+            return
+        try:
+            self.client.images.get(image)
+        except docker.errors.ImageNotFound:
+            if self.settings.docker_pull == "never":
+                raise ExecutorError(
+                    "The step image %s is not on this host and MFS_DOCKER_PULL=never. "
+                    "Load it (docker load) or build it first." % image)
+            self.log.info("Pulling the step image %s ...", image)
+            try:
+                self.client.images.pull(image)
+            except docker.errors.APIError as e:
+                raise ExecutorError("Cannot pull the step image %s: %s" % (image, e))
+
+    def run(self, launch: Launch, on_line) -> int:
+        import docker.errors
+        from docker.types import DeviceRequest
+
+        if not launch.image:
+            raise ConfigurationError(
+                "No container image for this step: set MFS_STEP_IMAGE on the Airflow "
+                "worker, or compile the flow with --image/--step-image.")
+        self._ensure_image(launch.image)
+        s = self.settings
+        volumes = {s.docker_code_cache: {"bind": s.code_cache_dir, "mode": "rw"}}
+        for v in s.docker_volumes:
+            parts = v.split(":")
+            if len(parts) not in (2, 3):
+                raise ConfigurationError(
+                    "MFS_DOCKER_VOLUMES entry %r: expected SOURCE:TARGET[:ro|rw]." % v)
+            volumes[parts[0]] = {"bind": parts[1], "mode": parts[2] if len(parts) == 3 else "rw"}
+        kwargs = dict(
+            image=launch.image,
+            command=[s.python, "-c", BOOTSTRAP_SOURCE],
+            name=launch.name,
+            environment=launch.env,
+            labels=dict(launch.labels, **{"metaflow-services": "step"}),
+            volumes=volumes,
+            working_dir="/tmp",
+            detach=True,
+            stop_signal="SIGTERM",
+        )
+        if s.docker_network in ("host", "none"):
+            kwargs["network_mode"] = s.docker_network
+        elif s.docker_network:
+            kwargs["network"] = s.docker_network
+        if s.docker_user:
+            kwargs["user"] = s.docker_user
+        r = launch.resources or {}
+        if r.get("cpu"):
+            kwargs["nano_cpus"] = int(float(r["cpu"]) * 1e9)
+        if r.get("memory"):
+            kwargs["mem_limit"] = "%dm" % int(r["memory"])
+            kwargs["memswap_limit"] = "%dm" % int(r["memory"])
+        if r.get("shared_memory"):
+            kwargs["shm_size"] = "%dm" % int(r["shared_memory"])
+        if r.get("gpu"):
+            kwargs["device_requests"] = [DeviceRequest(count=int(r["gpu"]), capabilities=[["gpu"]])]
+
+        self._remove_leftover(launch.name)
+        container = self.client.containers.create(**kwargs)
+        with self._lock:
+            self._containers[launch.name] = container
+        try:
+            container.start()
+            buf = b""
+            for chunk in container.logs(stream=True, follow=True):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    on_line(line.decode("utf-8", "replace"))
+            if buf:
+                on_line(buf.decode("utf-8", "replace"))
+            status = container.wait()
+            code = int(status.get("StatusCode", 1))
+            if code == 137:
+                container.reload()
+                if container.attrs.get("State", {}).get("OOMKilled"):
+                    on_line("[metaflow-services] The step's container ran out of memory "
+                            "(limit %s MB from @resources(memory=...))." % r.get("memory"))
+            return code
+        finally:
+            with self._lock:
+                self._containers.pop(launch.name, None)
+            try:
+                container.remove(force=True)
+            except docker.errors.APIError:
+                pass
+
+    def _remove_leftover(self, name):
+        """A container of the same task left behind by a worker that died: the
+        task is being retried, so the old one must not keep running."""
+        import docker.errors
+
+        try:
+            old = self.client.containers.get(name)
+        except docker.errors.NotFound:
+            return
+        self.log.warning("Removing container %s left over from an earlier attempt.", name)
+        old.remove(force=True)
+
+    def kill_all(self):
+        with self._lock:
+            containers = list(self._containers.values())
+        for c in containers:
+            try:
+                c.stop(timeout=15)  # SIGTERM: the bootstrap stops the step and saves logs
+            except Exception:
+                try:
+                    c.kill()
+                except Exception:
+                    pass
+
+
+_NAME_RE = re.compile(r"[^a-zA-Z0-9_.-]")
+
+
+def container_name(*parts):
+    name = "mfs-" + "-".join(_NAME_RE.sub("_", p) for p in parts)
+    return name[:200]
