@@ -22,6 +22,11 @@ from pathlib import Path
 from .config import ConfigurationError, Settings
 
 BOOTSTRAP_SOURCE = (Path(__file__).with_name("bootstrap.py")).read_text()
+# The bootstrap travels in an environment variable rather than on the command
+# line, so `ps` and `docker top` show a short command.
+BOOTSTRAP_ENV = "MFS_BOOTSTRAP"
+BOOTSTRAP_CODE = ("import os; exec(compile(os.environ.pop(%r), 'metaflow-services-bootstrap', "
+                  "'exec'))" % BOOTSTRAP_ENV)
 
 
 @dataclass
@@ -62,13 +67,13 @@ class SubprocessExecutor:
         if launch.resources:
             self.log.info("@resources %s is not enforced by the subprocess executor "
                           "(use MFS_EXECUTOR=docker for limits).", launch.resources)
-        env = dict(launch.env)
+        env = dict(launch.env, **{BOOTSTRAP_ENV: BOOTSTRAP_SOURCE})
         for k in ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "SSL_CERT_FILE",
                   "REQUESTS_CA_BUNDLE"):
             if k in os.environ and k not in env:
                 env[k] = os.environ[k]
         proc = subprocess.Popen(
-            [sys.executable, "-c", BOOTSTRAP_SOURCE],
+            [sys.executable, "-c", BOOTSTRAP_CODE],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_die_with_parent,
@@ -176,9 +181,9 @@ class DockerExecutor:
             volumes[parts[0]] = {"bind": parts[1], "mode": parts[2] if len(parts) == 3 else "rw"}
         kwargs = dict(
             image=launch.image,
-            command=[s.python, "-c", BOOTSTRAP_SOURCE],
+            command=[s.python, "-c", BOOTSTRAP_CODE],
             name=launch.name,
-            environment=launch.env,
+            environment=dict(launch.env, **{BOOTSTRAP_ENV: BOOTSTRAP_SOURCE}),
             labels=dict(launch.labels, **{"metaflow-services": "step"}),
             volumes=volumes,
             working_dir="/tmp",
