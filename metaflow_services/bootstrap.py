@@ -286,6 +286,12 @@ class StepRunner:
             except subprocess.TimeoutExpired:
                 self.deadline_hit = True
                 self._kill_group()
+        # Whatever the step started and left running (daemons, a child that
+        # outlived a @timeout) belongs to the step: stop it with the step.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         for r in readers:
             r.join(timeout=10)
         return 128 - rc if rc < 0 else rc  # killed by a signal: shell convention

@@ -1,0 +1,322 @@
+"""End to end: flows compiled into DAG files, run by a real Airflow 3.3
+scheduler (LocalExecutor on PostgreSQL) against a real S3 server (SeaweedFS),
+with each executor (docker: a real Docker engine; subprocess). Runs are
+triggered through Airflow's REST API and checked through the Metaflow client.
+
+For speed, each executor's module-scoped fixture compiles the flows and
+triggers every run at once; the tests then check one run each.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+import harness
+from conftest import (BASE, FLOWS, METAFLOW_ENV, MFLOCAL, TEST_USER, compile_flow,
+                      docker_available)
+
+pytestmark = pytest.mark.e2e
+
+MAX_MAP_LENGTH = 8  # small, so a 20-way foreach exceeds it
+STEP_IMAGE = os.environ.get("MFS_TEST_STEP_IMAGE", "mfs-step:test")
+PID_DIR = BASE / "pids"
+
+FLOW_FILES = ["linear_flow.py", "branches_flow.py", "foreach_flow.py", "nested_foreach_flow.py",
+              "switch_flow.py", "retry_catch_flow.py", "config_project_flow.py",
+              "single_step_flow.py", "custom_names_flow.py"]
+PROJECT_DAG = "mfs_test.user.%s.ConfigProjectFlow" % TEST_USER
+
+# key -> (dag id, params given in the trigger request)
+RUNS = {
+    "linear": ("LinearFlow", {"count": 7, "flag": True, "greeting": "hi there",
+                              "config-json": {"b": [1, 2]}, "ratio": 0.25}),
+    "linear_defaults": ("LinearFlow", {}),
+    "branches": ("BranchesFlow", {}),
+    "foreach_1": ("ForeachFlow", {"width": 1}),
+    "foreach_3": ("ForeachFlow", {"width": 3}),
+    "foreach_wide": ("ForeachFlow", {"width": 20}),
+    "foreach_0": ("ForeachFlow", {"width": 0}),
+    "nested": ("NestedForeachFlow", {}),
+    "switch_fast": ("SwitchFlow", {}),
+    "switch_slow": ("SwitchFlow", {"route": "slow", "loops": 6}),
+    "retry_catch": ("RetryCatchFlow", {}),
+    "config_project": (PROJECT_DAG, {}),
+    "single": ("SingleStepFlow", {}),
+    "custom_names": ("CustomNamesFlow", {}),
+}
+
+
+@dataclass
+class Batch:
+    executor: str
+    api: harness.AirflowAPI
+    runs: dict = field(default_factory=dict)    # key -> airflow run id
+    states: dict = field(default_factory=dict)  # key -> final state
+
+    def mf_run(self, key):
+        from metaflow import Run, namespace
+
+        from metaflow_services.spec import run_id_for
+
+        namespace(None)
+        dag_id = RUNS[key][0]
+        flow = {PROJECT_DAG: "ConfigProjectFlow"}.get(dag_id, dag_id)
+        return Run("%s/%s" % (flow, run_id_for(dag_id, self.runs[key])))
+
+    def tis(self, key):
+        return self.api.task_instances(RUNS[key][0], self.runs[key])
+
+
+@pytest.fixture(scope="session")
+def airflow(postgres, seaweedfs):
+    af = harness.Airflow(BASE, postgres, METAFLOW_ENV, max_map_length=MAX_MAP_LENGTH)
+    af.start({"MFS_EXECUTOR": "subprocess"})
+    api = af.api()
+    for f in FLOW_FILES:
+        compile_flow(FLOWS / f, af.dags)
+    for dag_id in sorted({d for d, _ in RUNS.values()}):
+        api.wait_for_dag(dag_id)
+    yield af
+    af.stop()
+
+
+def worker_env(executor):
+    PID_DIR.mkdir(exist_ok=True)
+    os.chmod(PID_DIR, 0o777)
+    env = {"MFS_EXECUTOR": executor, "MFS_TEST_PID_DIR": str(PID_DIR)}
+    if executor == "docker":
+        env.update({
+            "MFS_STEP_IMAGE": STEP_IMAGE,
+            "MFS_DOCKER_PULL": "never",
+            # SeaweedFS listens on the host's loopback.
+            "MFS_DOCKER_NETWORK": "host",
+            "MFS_DOCKER_VOLUMES": "%s:%s,%s:%s" % (MFLOCAL, MFLOCAL, PID_DIR, PID_DIR),
+            "MFS_DOCKER_CODE_CACHE": str(BASE / "code-cache-docker"),
+        })
+    else:
+        env["MFS_CODE_CACHE_DIR"] = str(BASE / "code-cache-subprocess")
+    return env
+
+
+@pytest.fixture(scope="module", params=["docker", "subprocess"])
+def batch(request, airflow):
+    executor = request.param
+    if executor == "docker" and not docker_available():
+        pytest.fail("the docker executor tests need a Docker engine (scripts/host-setup starts one)")
+    airflow.start_scheduler(worker_env(executor))
+    api = airflow.api()
+    b = Batch(executor, api)
+    for key, (dag_id, conf) in RUNS.items():
+        b.runs[key] = api.trigger(dag_id, conf, run_id="%s__%s__%d" % (key, executor, time.time()))
+    for key, (dag_id, _) in RUNS.items():
+        b.states[key] = api.wait_for_run(dag_id, b.runs[key], timeout=900)
+    return b
+
+
+def ok(batch, key):
+    assert batch.states[key] == "success", _failure_report(batch, key)
+    run = batch.mf_run(key)
+    assert run.successful, "Metaflow run %s is not successful" % run
+    return run
+
+
+def _failure_report(batch, key):
+    dag_id, run_id = RUNS[key][0], batch.runs[key]
+    lines = ["DAG run %s/%s ended %s" % (dag_id, run_id, batch.states[key])]
+    for ti in batch.tis(key):
+        if ti["state"] not in ("success", "skipped"):
+            lines.append("--- %s[%s] %s" % (ti["task_id"], ti["map_index"], ti["state"]))
+            try:
+                lines.append(batch.api.task_log(dag_id, run_id, ti["task_id"],
+                                                max(ti["try_number"], 1), ti["map_index"])[-4000:])
+            except Exception as e:
+                lines.append("(no log: %s)" % e)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+
+
+def test_parameters_from_trigger_reach_the_run(batch):
+    run = ok(batch, "linear")
+    assert run["start"].task.data.seen == {
+        "count": 7, "ratio": 0.25, "flag": True, "greeting": "hi there",
+        "config_json": {"b": [1, 2]}, "notes": "notes from a file"}
+    assert run["b"].task.data.doubled == 14
+
+
+def test_parameter_defaults_apply_when_not_given(batch):
+    run = ok(batch, "linear_defaults")
+    assert run["start"].task.data.seen == {
+        "count": 3, "ratio": 0.5, "flag": False, "greeting": "hello",
+        "config_json": {"a": 1}, "notes": "notes from a file"}
+
+
+def test_one_parameters_task_and_run_tagged_with_airflow_ids(batch):
+    run = ok(batch, "linear")
+    assert "airflow_dag_id:LinearFlow" in run.tags
+    assert "airflow_run_id:%s" % batch.runs["linear"] in run.tags
+    assert "runtime:airflow3" in run.system_tags
+    assert run.user_tags >= {"airflow_dag_id:LinearFlow"}
+    meta = {m.name: m.value for m in run["start"].task.metadata}
+    assert meta["airflow-dag-id"] == "LinearFlow"
+    assert meta["airflow-task-id"] == "start"
+    assert meta["mfs-executor"] == batch.executor
+
+
+def test_logs_are_stored_and_streamed_to_airflow(batch):
+    run = ok(batch, "linear")
+    start = run["start"].task
+    assert "start stdout line" in start.stdout
+    assert "start stderr line" in start.stderr
+    assert "done 14" in run["end"].task.stdout
+    log = batch.api.task_log("LinearFlow", batch.runs["linear"], "start")
+    assert "start stdout line" in log
+
+
+def test_environment_and_resources_reach_the_step(batch):
+    run = ok(batch, "linear")
+    a = run["a"].task.data
+    assert a.env_value == "from-environment-decorator"
+    if batch.executor == "docker":
+        assert a.memory_limit == 600 * 1024 * 1024
+
+
+def test_card_is_stored(batch):
+    from metaflow.cards import get_cards
+
+    run = ok(batch, "linear")
+    assert len(get_cards(run["b"].task)) >= 1
+
+
+def test_branches_and_nested_branches(batch):
+    run = ok(batch, "branches")
+    assert run["join"].task.data.total == 11 + 101
+    assert run["inner_join"].task.data.ys == ["a", "b"]
+
+
+@pytest.mark.parametrize("key,width", [("foreach_1", 1), ("foreach_3", 3), ("foreach_wide", 20)])
+def test_foreach_widths(batch, key, width):
+    run = ok(batch, key)
+    assert run["join"].task.data.values == [i * i + 1 for i in range(width)]
+    assert len(list(run["plus_one"])) == width
+    mapped = [ti for ti in batch.tis(key) if ti["task_id"] == "square"]
+    # Wider than max_map_length: fewer mapped instances, each several splits.
+    assert len(mapped) == min(width, math.ceil(width / math.ceil(width / MAX_MAP_LENGTH)))
+    assert len(mapped) <= MAX_MAP_LENGTH
+
+
+def test_zero_width_foreach_fails_the_run(batch):
+    assert batch.states["foreach_0"] == "failed"
+    start = [ti for ti in batch.tis("foreach_0") if ti["task_id"] == "start"][0]
+    assert start["state"] == "failed"
+
+
+def test_nested_foreach_with_split_inside(batch):
+    run = ok(batch, "nested")
+    assert run["join1"].task.data.labels == [
+        "a10LR", "a11LR", "a20LR", "a21LR", "a22LR", "a30LR", "b40LR", "b41LR"]
+    assert len(list(run["level3"])) == 8
+    assert {t.id for t in run["level2"]} == {"t-0-0", "t-0-1", "t-0-2", "t-1-0"}
+
+
+def test_switch_runs_only_the_chosen_branches(batch):
+    run = ok(batch, "switch_fast")
+    data = run["end"].task.data
+    assert data.path == ["start", "fast", "small", "merge"]
+    assert run["branches_join"].task.data.branch_results == ["a_odd", "b"]
+    assert run["each_join"].task.data.tags_seen == ["O1", "E2", "O3", "E4"]
+    assert data.counter == 3 and len(list(run["loop"])) == 3  # recursive step
+    steps = {s.id for s in run}
+    assert not steps & {"slow", "big", "a_even"}
+    states = {ti["task_id"]: ti["state"] for ti in batch.tis("switch_fast")
+              if ti["map_index"] == -1}
+    assert states["slow"] == "skipped" and states["big"] == "skipped"
+    assert states["merge"] == "success"
+
+
+def test_switch_other_route(batch):
+    run = ok(batch, "switch_slow")
+    data = run["end"].task.data
+    assert data.path == ["start", "slow", "merge"]
+    assert data.counter == 6
+    assert run["branches_join"].task.data.branch_results == ["a_even", "b"]
+
+
+def test_retry_fails_then_succeeds_with_two_attempts(batch):
+    run = ok(batch, "retry_catch")
+    start = run["start"].task
+    assert start.current_attempt == 1 and start.data.start_attempt == 1
+    assert run["join"].task.data.flaky_attempt == 1
+    tries = {ti["task_id"]: ti["try_number"] for ti in batch.tis("retry_catch")}
+    assert tries["start"] == 2 and tries["flaky"] == 2
+
+
+def test_retried_start_creates_one_parameters_task(batch, seaweedfs):
+    run = ok(batch, "retry_catch")
+    prefix = "metaflow/RetryCatchFlow/%s/_parameters/" % run.id
+    keys = [o["Key"] for o in seaweedfs.client().list_objects_v2(
+        Bucket=seaweedfs.bucket, Prefix=prefix).get("Contents", [])]
+    assert {k[len(prefix):].split("/")[0] for k in keys} == {"params"}
+
+
+def test_catch_records_exception_and_hard_crash(batch):
+    run = ok(batch, "retry_catch")
+    data = run["join"].task.data
+    assert "caught by @catch" in data.raised
+    assert data.crashed and data.crashed != "None"
+    tries = {ti["task_id"]: ti["try_number"] for ti in batch.tis("retry_catch")}
+    assert tries["crashes"] == 2  # the crash, then @catch's fallback attempt
+
+
+def test_timeout_kills_the_step_and_its_children(batch):
+    run = ok(batch, "retry_catch")
+    assert "timeout" in run["join"].task.data.timed_out.lower()
+    if batch.executor == "subprocess":
+        pid = int((PID_DIR / ("too_slow_child_%s.pid" % run.id)).read_text())
+        assert not os.path.exists("/proc/%d" % pid) or \
+            open("/proc/%d/stat" % pid).read().split()[2] == "Z", "child of timed-out step alive"
+
+
+def test_config_and_project(batch):
+    run = ok(batch, "config_project")
+    assert run["start"].task.data.alpha == 7
+    assert run["start"].task.data.name == "cfg"
+    end = run["end"].task.data
+    assert end.branch_name == "user.%s" % TEST_USER
+    assert end.project_flow_name == PROJECT_DAG
+
+
+def test_single_step_and_custom_step_names(batch):
+    assert ok(batch, "single")["only"].task.data.answer == 42
+    assert ok(batch, "custom_names")["finish"].task.data.trail == ["begin", "middle", "finish"]
+
+
+def test_clearing_a_finished_task_reruns_it_as_the_next_attempt(batch):
+    run = ok(batch, "linear")
+    api, run_id = batch.api, batch.runs["linear"]
+    api.post("/api/v2/dags/LinearFlow/clearTaskInstances", {
+        "dry_run": False, "task_ids": ["b"], "dag_run_id": run_id, "only_failed": False,
+        "reset_dag_runs": True, "include_downstream": False, "include_upstream": False})
+    harness.wait_for(lambda: api.run_state("LinearFlow", run_id) != "success", 30,
+                     "the cleared run to restart", interval=0.5)
+    assert api.wait_for_run("LinearFlow", run_id) == "success"
+    from metaflow import Task
+
+    b = Task(run["b"].task.pathspec)
+    assert b.current_attempt == 1 and b.successful
+    assert b.data.doubled == 14
+
+
+def test_no_step_containers_left_behind(batch):
+    if batch.executor != "docker":
+        pytest.skip("docker executor only")
+    out = subprocess.run(["docker", "ps", "-aq", "--filter", "label=metaflow-services=step"],
+                         stdout=subprocess.PIPE, text=True, check=True).stdout.split()
+    assert out == []
