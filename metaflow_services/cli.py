@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def cmd_compile(args):
     if not os.path.isfile(flow_file):
         print("metaflow-services: no such flow file: %s" % flow_file, file=sys.stderr)
         return EXIT_USAGE
-    err = syntax_error(flow_file)
+    err = syntax_error(flow_file) or user_error() or dependency_error(flow_file)
     if err:
         print("metaflow-services: %s\nRefused: no DAG file written." % err, file=sys.stderr)
         return EXIT_REFUSED
@@ -62,6 +63,39 @@ def cmd_compile(args):
         print("Refused: %s was not compiled; no DAG file written." % flow_file, file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
+
+
+def user_error():
+    """Metaflow refuses to record runs as root, with a message that does not
+    say what to do: say it here."""
+    user = os.environ.get("METAFLOW_USER") or os.environ.get("USER") or os.environ.get("USERNAME")
+    if not user or user == "root":
+        return ("Metaflow needs a user name other than root to record runs. Set "
+                "METAFLOW_USER (for example METAFLOW_USER=airflow) and compile again.")
+    return None
+
+
+def dependency_error(path):
+    """@pypi/@conda make Metaflow demand its conda environment before our
+    compiler runs; find them in the source to refuse with our own message."""
+    from .compiler import DEPENDENCY_DECORATORS, dependency_refusal
+
+    tree = ast.parse(open(path, "rb").read(), path)
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for deco in cls.decorator_list:
+            if _deco_name(deco) in DEPENDENCY_DECORATORS:
+                return dependency_refusal(cls.name, None, _deco_name(deco))
+        for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
+            for deco in fn.decorator_list:
+                if _deco_name(deco) in DEPENDENCY_DECORATORS:
+                    return dependency_refusal(cls.name, fn.name, _deco_name(deco))
+    return None
+
+
+def _deco_name(node):
+    if isinstance(node, ast.Call):
+        node = node.func
+    return getattr(node, "id", None) or getattr(node, "attr", None)
 
 
 def syntax_error(path):

@@ -43,7 +43,7 @@ _REFUSED_FLOW_DECORATORS = {
 # Dependency decorators: Metaflow builds these environments at run time with
 # micromamba and internet access; silently ignoring them would run the step
 # with the wrong packages.
-_DEPENDENCY_DECORATORS = ("pypi", "pypi_base", "conda", "conda_base", "uv")
+DEPENDENCY_DECORATORS = ("pypi", "pypi_base", "conda", "conda_base", "uv")
 
 # Parameter names Metaflow drops or mangles when passed through the
 # environment (METAFLOW_INIT_<NAME>), see metaflow-on-airflow.md.
@@ -69,7 +69,7 @@ def create_dag(obj, out, options: CompileOptions, as_json=False):
     flow_name = obj.flow.name
     spec = build_spec(obj, options)  # refusals happen here, before any upload
 
-    obj.echo("Uploading the code package of *%s*..." % flow_name, bold=True)
+    say("Uploading the code package of %s ..." % flow_name)
     spec["package"] = upload_package(obj)
 
     text = render_dag_file(spec)
@@ -90,7 +90,7 @@ def create_dag(obj, out, options: CompileOptions, as_json=False):
     if as_json:
         print(json.dumps(summary))
     obj.echo(
-        "DAG *%s* for flow *%s* written to *%s*."
+        "DAG %s for flow %s written to %s."
         % (spec["dag_id"], flow_name, os.path.abspath(path)),
         bold=True,
     )
@@ -100,6 +100,14 @@ def create_dag(obj, out, options: CompileOptions, as_json=False):
     obj.echo("Copy it into the Airflow dags folder (if it is not there already); "
              "trigger it from the Airflow UI or REST API.")
     return summary
+
+
+def say(msg):
+    # click directly, not Metaflow's echo: its *bold* markup eats the
+    # asterisks of cron expressions.
+    from metaflow._vendor import click
+
+    click.secho(msg, err=True)
 
 
 def _file_stem(dag_id):
@@ -179,19 +187,14 @@ def _step_spec(flow_name, graph, node, options):
     for deco_name, what in _REFUSED_STEP_DECORATORS.items():
         if deco_name in decos:
             raise CompileError(
-                "Flow *%s*, step *%s*: @%s %s, which a single-VM deployment cannot "
+                "Flow %s, step %s: @%s %s, which a single-VM deployment cannot "
                 "do. Remove @%s from the step; give it more resources with "
                 "@resources(cpu=..., memory=...) instead."
                 % (flow_name, node.name, deco_name, what, deco_name)
             )
-    for deco_name in _DEPENDENCY_DECORATORS:
+    for deco_name in DEPENDENCY_DECORATORS:
         if deco_name in decos:
-            raise CompileError(
-                "Flow *%s*, step *%s*: @%s is not supported yet: Metaflow would build "
-                "its environment at run time, which needs internet access on the "
-                "worker. Install the packages into the step image instead "
-                "(`airflow3 create --image IMAGE`)." % (flow_name, node.name, deco_name)
-            )
+            raise CompileError(dependency_refusal(flow_name, node.name, deco_name))
 
     user_retries, error_retries = 0, 0
     for d in node.decorators:
@@ -200,7 +203,7 @@ def _step_spec(flow_name, graph, node, options):
         error_retries = max(error_retries, e or 0)
     if user_retries + error_retries > 5:
         raise CompileError(
-            "Flow *%s*, step *%s*: @retry asks for %d attempts; Metaflow allows at "
+            "Flow %s, step %s: @retry asks for %d attempts; Metaflow allows at "
             "most 6 attempts of a task. Lower `times` to 5 or less."
             % (flow_name, node.name, user_retries + error_retries + 1)
         )
@@ -265,19 +268,23 @@ def _refuse_flow_decorators(flow_name, flow):
     for deco_name, what in _REFUSED_FLOW_DECORATORS.items():
         if decos.get(deco_name):
             raise CompileError(
-                "Flow *%s*: @%s %s, which needs an event bus that this deployment "
+                "Flow %s: @%s %s, which needs an event bus that this deployment "
                 "does not have. Remove @%s and start runs from Airflow (a "
                 "@schedule, the Airflow UI, or the REST API)."
                 % (flow_name, deco_name, what, deco_name)
             )
-    for deco_name in _DEPENDENCY_DECORATORS:
+    for deco_name in DEPENDENCY_DECORATORS:
         if decos.get(deco_name):
-            raise CompileError(
-                "Flow *%s*: @%s is not supported yet: Metaflow would build its "
-                "environment at run time, which needs internet access on the worker. "
-                "Install the packages into the step image instead "
-                "(`airflow3 create --image IMAGE`)." % (flow_name, deco_name)
-            )
+            raise CompileError(dependency_refusal(flow_name, None, deco_name))
+
+
+def dependency_refusal(flow_name, step_name, deco_name):
+    where = "Flow %s" % flow_name + (", step %s" % step_name if step_name else "")
+    return (
+        "%s: @%s is not supported yet: Metaflow would build its environment at run "
+        "time, which needs internet access on the worker. Install the packages into the "
+        "step image instead (`airflow3 create --image IMAGE`)." % (where, deco_name)
+    )
 
 
 def _user(flow_name):
@@ -286,7 +293,7 @@ def _user(flow_name):
     user = get_username()
     if not user or user == "root":
         raise CompileError(
-            "Flow *%s*: Metaflow needs a user name other than root to record runs. "
+            "Flow %s: Metaflow needs a user name other than root to record runs. "
             "Set METAFLOW_USER (for example METAFLOW_USER=airflow) and compile again."
             % flow_name
         )
@@ -310,7 +317,7 @@ def _dag_id(flow_name, options):
     dag_id = options.dag_id or current.get("project_flow_name") or flow_name
     if not _DAG_ID_RE.match(dag_id):
         raise CompileError(
-            "Flow *%s*: %r is not a valid Airflow DAG id (letters, digits, '_', '.', "
+            "Flow %s: %r is not a valid Airflow DAG id (letters, digits, '_', '.', "
             "'-'; at most 250 characters). Pass another one with --dag-id."
             % (flow_name, dag_id)
         )
@@ -323,7 +330,7 @@ def _validated_tags(flow_name, tags):
     try:
         validate_tags(tags)
     except MetaflowException as e:
-        raise CompileError("Flow *%s*: invalid --tag: %s" % (flow_name, e))
+        raise CompileError("Flow %s: invalid --tag: %s" % (flow_name, e))
     return list(tags)
 
 
@@ -350,14 +357,14 @@ def _parameters(flow_name, flow, graph):
         norm = param.name.lower().replace("-", "_")
         if norm in _RESERVED_PARAMETER_NAMES:
             raise CompileError(
-                "Flow *%s*: the parameter *%s* cannot be passed to the run: Metaflow "
+                "Flow %s: the parameter %s cannot be passed to the run: Metaflow "
                 "reads parameter values from METAFLOW_INIT_<NAME> variables and "
                 "ignores or misreads this name. Rename the parameter (for example "
-                "*%s_value*)." % (flow_name, param.name, param.name)
+                "%s_value)." % (flow_name, param.name, param.name)
             )
         if norm in seen:
             raise CompileError(
-                "Flow *%s*: the parameter *%s* is declared twice (names are "
+                "Flow %s: the parameter %s is declared twice (names are "
                 "case-insensitive and '-' equals '_'). Rename one of them."
                 % (flow_name, param.name)
             )
@@ -389,7 +396,7 @@ def _parameters(flow_name, flow, graph):
                     default = json.loads(default)
                 except ValueError:
                     raise CompileError(
-                        "Flow *%s*: the default of the JSON parameter *%s* is not "
+                        "Flow %s: the default of the JSON parameter %s is not "
                         "valid JSON." % (flow_name, param.name)
                     )
             if kind == "file" and not isinstance(default, str):
@@ -439,7 +446,7 @@ def _schedule(flow_name, flow):
             ZoneInfo(tz)
         except Exception:
             raise CompileError(
-                "Flow *%s*: @schedule(timezone=%r) is not a known IANA time zone. "
+                "Flow %s: @schedule(timezone=%r) is not a known IANA time zone. "
                 "Use a name such as 'Europe/Amsterdam' or 'America/New_York'."
                 % (flow_name, tz)
             )
@@ -457,14 +464,14 @@ def normalize_cron(flow_name, expr, user_given=True):
     elif len(fields) == 6:
         if fields[5] not in ("*", "?"):
             raise CompileError(
-                "Flow *%s*: @schedule(cron=%r) restricts the year (%r); Airflow's cron "
+                "Flow %s: @schedule(cron=%r) restricts the year (%r); Airflow's cron "
                 "has no year field. Use '*' as the sixth field." % (flow_name, expr, fields[5])
             )
         out = fields[:5]
         out[4] = re.sub(r"\b([1-7])\b", lambda m: _AWS_DOW[m.group(1)], out[4])
     else:
         raise CompileError(
-            "Flow *%s*: @schedule(cron=%r) has %d fields; use 5-field cron "
+            "Flow %s: @schedule(cron=%r) has %d fields; use 5-field cron "
             "('0 6 * * *') or Metaflow's 6-field AWS form ('0 6 * * ? *')."
             % (flow_name, expr, len(fields))
         )
@@ -476,7 +483,7 @@ def normalize_cron(flow_name, expr, user_given=True):
         return cron
     if not croniter.is_valid(cron):
         raise CompileError(
-            "Flow *%s*: @schedule(cron=%r) is not a valid cron expression (read as %r)."
+            "Flow %s: @schedule(cron=%r) is not a valid cron expression (read as %r)."
             % (flow_name, expr, cron)
         )
     return cron
@@ -488,7 +495,7 @@ def _refuse_required_parameters_on_schedule(flow_name, spec):
     for p in spec["parameters"]:
         if p["required"] and not p["has_default"]:
             raise CompileError(
-                "Flow *%s*: the parameter *%s* is required and has no default, but the "
+                "Flow %s: the parameter %s is required and has no default, but the "
                 "flow has @schedule: scheduled runs would have no value for it. Give it "
                 "a default, or remove @schedule and trigger runs with a value."
                 % (flow_name, p["name"])
@@ -500,11 +507,11 @@ def _apply_step_images(flow_name, spec, step_images):
         step, sep, image = item.partition("=")
         if not sep or not image:
             raise CompileError(
-                "Flow *%s*: --step-image expects STEP=IMAGE, got %r." % (flow_name, item)
+                "Flow %s: --step-image expects STEP=IMAGE, got %r." % (flow_name, item)
             )
         if step not in spec["steps"]:
             raise CompileError(
-                "Flow *%s*: --step-image names the step *%s*, which the flow does not "
+                "Flow %s: --step-image names the step %s, which the flow does not "
                 "have (steps: %s)." % (flow_name, step, ", ".join(spec["steps"]))
             )
         spec["steps"][step]["image"] = image
@@ -522,7 +529,7 @@ def upload_package(obj):
 
     if obj.flow_datastore.TYPE not in ("s3", "local"):
         raise CompileError(
-            "Flow *%s*: the %s datastore is not supported; set "
+            "Flow %s: the %s datastore is not supported; set "
             "METAFLOW_DEFAULT_DATASTORE=s3 (the deployment's object store)."
             % (obj.flow.name, obj.flow_datastore.TYPE)
         )
@@ -533,7 +540,7 @@ def upload_package(obj):
     metadata = json.loads(package.package_metadata)
     if metadata.get("archive_format", "tgz") != "tgz":
         raise CompileError(
-            "Flow *%s*: code packages in the %r format are not supported (only tgz)."
+            "Flow %s: code packages in the %r format are not supported (only tgz)."
             % (obj.flow.name, metadata.get("archive_format"))
         )
     root = obj.flow_datastore.datastore_root.rstrip("/")

@@ -25,7 +25,6 @@ pytestmark = pytest.mark.e2e
 
 MAX_MAP_LENGTH = 8  # small, so a 20-way foreach exceeds it
 STEP_IMAGE = os.environ.get("MFS_TEST_STEP_IMAGE", "mfs-step:test")
-PID_DIR = BASE / "pids"
 
 FLOW_FILES = ["linear_flow.py", "branches_flow.py", "foreach_flow.py", "nested_foreach_flow.py",
               "switch_flow.py", "retry_catch_flow.py", "config_project_flow.py",
@@ -87,16 +86,14 @@ def airflow(postgres, seaweedfs):
 
 
 def worker_env(executor):
-    PID_DIR.mkdir(exist_ok=True)
-    os.chmod(PID_DIR, 0o777)
-    env = {"MFS_EXECUTOR": executor, "MFS_TEST_PID_DIR": str(PID_DIR)}
+    env = {"MFS_EXECUTOR": executor}
     if executor == "docker":
         env.update({
             "MFS_STEP_IMAGE": STEP_IMAGE,
             "MFS_DOCKER_PULL": "never",
             # SeaweedFS listens on the host's loopback.
             "MFS_DOCKER_NETWORK": "host",
-            "MFS_DOCKER_VOLUMES": "%s:%s,%s:%s" % (MFLOCAL, MFLOCAL, PID_DIR, PID_DIR),
+            "MFS_DOCKER_VOLUMES": "%s:%s" % (MFLOCAL, MFLOCAL),
             "MFS_DOCKER_CODE_CACHE": str(BASE / "code-cache-docker"),
         })
     else:
@@ -279,7 +276,8 @@ def test_timeout_kills_the_step_and_its_children(batch):
     run = ok(batch, "retry_catch")
     assert "timeout" in run["join"].task.data.timed_out.lower()
     if batch.executor == "subprocess":
-        pid = int((PID_DIR / ("too_slow_child_%s.pid" % run.id)).read_text())
+        out = run["too_slow"].task.stdout
+        pid = int(out.split("child pid ")[1].split()[0])
         assert not os.path.exists("/proc/%d" % pid) or \
             open("/proc/%d/stat" % pid).read().split()[2] == "Z", "child of timed-out step alive"
 

@@ -41,7 +41,9 @@ def airflow3(obj):
 @click.pass_obj
 def create(obj, out, tags=None, image=None, step_images=None, dag_id=None,
            as_json=False):
-    from metaflow_services.compiler import CompileOptions, create_dag
+    import sys
+
+    from metaflow_services.compiler import CompileError, CompileOptions, create_dag
 
     options = CompileOptions(
         tags=list(tags or ()),
@@ -49,4 +51,11 @@ def create(obj, out, tags=None, image=None, step_images=None, dag_id=None,
         step_images=list(step_images or ()),
         dag_id=dag_id,
     )
-    create_dag(obj, out, options, as_json=as_json)
+    try:
+        create_dag(obj, out, options, as_json=as_json)
+    except CompileError as e:
+        # Printed here rather than by Metaflow, whose *bold* markup would eat
+        # the asterisks of cron expressions in the message.
+        click.secho("Cannot compile this flow for Airflow:", fg="red", bold=True, err=True)
+        click.secho("    " + e.message, err=True)
+        sys.exit(1)

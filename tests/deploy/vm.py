@@ -1,0 +1,276 @@
+"""A bare Debian 13 "VM" for the deploy tests: a freshly debootstrapped root
+file system with sshd, booted in its own network, mount, PID and UTS
+namespaces.
+
+Why namespaces rather than a plain chroot: the deploy installs and starts a
+Docker engine inside the VM while the host's Docker engine keeps running (other
+tests use it). In its own network namespace the VM's dockerd has its own
+iptables, docker0 bridge and published ports, and cannot fight the host's. The
+PID namespace makes shutdown exact (killing its init kills every process the
+VM started, containers included) and the mount namespace keeps Docker's
+overlay mounts out of the host's mount table.
+
+Networking: a veth pair, 10.213.0.1 (host) <-> 10.213.0.2 (VM). The VM gets
+outbound access (apt must download docker.io from Debian) through NAT on the
+host for that /30 only; nothing else is routed. Tests only ever connect to
+10.213.0.2.
+
+Nothing here is specific to the code under test: it is the "cloud provider".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+NETNS = "mfs-deploy-vm"
+VETH_HOST, VETH_VM = "mfsvm-h", "mfsvm-v"
+HOST_IP, VM_IP, PREFIX = "10.213.0.1", "10.213.0.2", 30
+SUBNET = "10.213.0.0/30"
+# What a minimal cloud image of Debian 13 has besides the base system.
+VM_PACKAGES = ["openssh-server", "sudo", "curl", "ca-certificates"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sh(*argv, check=True, capture=False, input=None, timeout=None, env=None):
+    return subprocess.run(list(argv), check=check, text=True, input=input, timeout=timeout,
+                          stdout=subprocess.PIPE if capture else None,
+                          stderr=subprocess.PIPE if capture else None, env=env)
+
+
+def prepare_image(cache: Path) -> Path:
+    """The VM's disk image (a tarball), built once and cached: Debian 13 minbase
+    (shared with scripts/build-base-image) plus sshd, sudo, curl, CA
+    certificates. No Docker."""
+    image = cache / "vm-trixie.tar"
+    if image.exists():
+        return image
+    env = dict(os.environ, MFS_CACHE_DIR=str(cache))
+    rootfs = cache / "rootfs-trixie"
+    if not (rootfs / "bin" / "sh").exists():
+        # Debootstraps trixie into cache/rootfs-trixie (and imports it as the
+        # base image for the test images).
+        sh(str(REPO / "scripts" / "build-base-image"), "trixie", "mfs-base:trixie", env=env)
+    work = cache / "vm-trixie.build"
+    if work.exists():
+        _force_rmtree(work)
+    sh("cp", "-a", str(rootfs), str(work))
+    mounts = []
+    try:
+        for sub, args in (("proc", ["-t", "proc", "proc"]), ("dev", ["--bind", "/dev"]),
+                          ("sys", ["--bind", "/sys"])):
+            sh("mount", *args, str(work / sub))
+            mounts.append(work / sub)
+        shutil.copy("/etc/resolv.conf", work / "etc" / "resolv.conf")
+        # No daemon may start inside the build chroot.
+        (work / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
+        os.chmod(work / "usr/sbin/policy-rc.d", 0o755)
+        chroot_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive",
+                      "LANG": "C.UTF-8"}
+        sh("chroot", str(work), "apt-get", "update", "-qq", env=chroot_env)
+        sh("chroot", str(work), "apt-get", "install", "-y", "-qq", "--no-install-recommends",
+           *VM_PACKAGES, env=chroot_env, capture=True)
+        sh("chroot", str(work), "apt-get", "clean", env=chroot_env)
+        (work / "usr/sbin/policy-rc.d").unlink()
+    finally:
+        for m in reversed(mounts):
+            sh("umount", "-l", str(m), check=False)
+    tmp = image.with_suffix(".tmp")
+    sh("tar", "-C", str(work), "--numeric-owner", "-cf", str(tmp), ".")
+    os.replace(tmp, image)
+    _force_rmtree(work)
+    return image
+
+
+def _force_rmtree(path: Path):
+    sh("rm", "-rf", "--one-file-system", str(path), check=False)
+
+
+class BareVM:
+    """One VM: created from the image, booted, shut down, deleted."""
+
+    def __init__(self, image: Path, root: Path, public_key: str):
+        self.image = image
+        self.root = root
+        self.public_key = public_key
+        self.init = None          # the unshare process; its child is the VM's PID 1
+        self.nat_rules = []
+
+    # -- life cycle -----------------------------------------------------------
+
+    def create(self):
+        if self.root.exists():
+            _force_rmtree(self.root)
+        self.root.mkdir(parents=True)
+        sh("tar", "-C", str(self.root), "--numeric-owner", "-xpf", str(self.image))
+        r = self.root
+        (r / "etc/hostname").write_text("mfs-vm\n")
+        (r / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 mfs-vm\n")
+        shutil.copy("/etc/resolv.conf", r / "etc/resolv.conf")
+        # root logs in with the key (as on most cloud images); "deployer" is
+        # the usual admin user with passwordless sudo; "nosudo" has no sudo.
+        self.chroot("useradd -m -s /bin/bash deployer && useradd -m -s /bin/bash nosudo "
+                    "&& echo 'deployer ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/deployer "
+                    "&& chmod 0440 /etc/sudoers.d/deployer")
+        for home, user in (("root", "root"), ("home/deployer", "deployer"),
+                           ("home/nosudo", "nosudo")):
+            self.chroot("install -d -m 700 -o {u} -g {u} /{h}/.ssh && "
+                        "printf '%s\\n' \"$KEY\" > /{h}/.ssh/authorized_keys && "
+                        "chown {u}:{u} /{h}/.ssh/authorized_keys && "
+                        "chmod 600 /{h}/.ssh/authorized_keys".format(u=user, h=home),
+                        env={"KEY": self.public_key})
+        (r / "etc/ssh/sshd_config.d/test.conf").write_text(
+            "PasswordAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\n")
+
+    def chroot(self, script, env=None):
+        """Run a shell script in the VM's file system before it boots."""
+        e = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+        e.update(env or {})
+        return sh("chroot", str(self.root), "/bin/sh", "-ec", script, env=e, capture=True)
+
+    def network_up(self):
+        self.network_down()
+        sh("ip", "netns", "add", NETNS)
+        sh("ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_VM)
+        sh("ip", "link", "set", VETH_VM, "netns", NETNS)
+        sh("ip", "addr", "add", "%s/%d" % (HOST_IP, PREFIX), "dev", VETH_HOST)
+        sh("ip", "link", "set", VETH_HOST, "up")
+        ns = ["ip", "netns", "exec", NETNS]
+        sh(*ns, "ip", "addr", "add", "%s/%d" % (VM_IP, PREFIX), "dev", VETH_VM)
+        sh(*ns, "ip", "link", "set", VETH_VM, "up")
+        sh(*ns, "ip", "link", "set", "lo", "up")
+        sh(*ns, "ip", "route", "add", "default", "via", HOST_IP)
+        # Outbound access for the VM's /30 only. FORWARD rules go first: the
+        # host's Docker sets the FORWARD policy to DROP.
+        self.nat_rules = [
+            ("nat", "POSTROUTING", ["-s", SUBNET, "!", "-o", VETH_HOST, "-j", "MASQUERADE"]),
+            ("filter", "FORWARD", ["-i", VETH_HOST, "-s", SUBNET, "-j", "ACCEPT"]),
+            ("filter", "FORWARD", ["-o", VETH_HOST, "-d", SUBNET, "-m", "conntrack",
+                                   "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"]),
+        ]
+        for table, chain, rule in self.nat_rules:
+            sh("iptables", "-t", table, "-I", chain, "1", *rule)
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            if f.read().strip() != "1":
+                sh("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+
+    def network_down(self):
+        for table, chain, rule in self.nat_rules or self._default_rules():
+            while sh("iptables", "-t", table, "-D", chain, *rule, check=False,
+                     capture=True).returncode == 0:
+                pass
+        self.nat_rules = []
+        sh("ip", "link", "del", VETH_HOST, check=False, capture=True)
+        sh("ip", "netns", "del", NETNS, check=False, capture=True)
+
+    @staticmethod
+    def _default_rules():
+        return [
+            ("nat", "POSTROUTING", ["-s", SUBNET, "!", "-o", VETH_HOST, "-j", "MASQUERADE"]),
+            ("filter", "FORWARD", ["-i", VETH_HOST, "-s", SUBNET, "-j", "ACCEPT"]),
+            ("filter", "FORWARD", ["-o", VETH_HOST, "-d", SUBNET, "-m", "conntrack",
+                                   "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"]),
+        ]
+
+    def boot(self, timeout=30):
+        """Start the VM: its PID 1 mounts /proc, /sys, /dev, /run as a VM has
+        them, then becomes sshd (which reaps orphans, as an init must)."""
+        r = str(self.root)
+        boot = f"""
+set -e
+mount --make-rprivate /
+mount --bind {r} {r}
+mount -t proc proc {r}/proc
+mount -t sysfs sysfs {r}/sys
+mount --rbind /sys/fs/cgroup {r}/sys/fs/cgroup
+mount --rbind /dev {r}/dev
+mount -t tmpfs -o mode=755 tmpfs {r}/run
+mkdir -p {r}/run/sshd {r}/run/lock
+chmod 1777 {r}/run/lock
+hostname mfs-vm
+exec chroot {r} /usr/sbin/sshd -D -e
+"""
+        log = open(self.root.parent / ("%s.console.log" % self.root.name), "ab")
+        self.init = subprocess.Popen(
+            ["nsenter", "--net=/run/netns/%s" % NETNS, "unshare", "--mount", "--pid", "--uts",
+             "--fork", "--kill-child", "--", "/bin/sh", "-c", boot],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            preexec_fn=_die_with_parent)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.init.poll() is not None:
+                raise RuntimeError("the VM did not boot; see %s" % log.name)
+            try:
+                with socket.create_connection((VM_IP, 22), timeout=1) as s:
+                    if s.recv(4).startswith(b"SSH"):
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("sshd in the VM did not come up within %ss" % timeout)
+
+    def pid1(self):
+        """Host PID of the VM's PID 1."""
+        out = sh("pgrep", "-P", str(self.init.pid), capture=True, check=False).stdout.split()
+        return int(out[0]) if out else None
+
+    def run(self, script, check=True, timeout=300, env=None):
+        """Run a shell script inside the running VM (as its root, like a
+        console login), in all of the VM's namespaces."""
+        pid = self.pid1()
+        if pid is None:
+            raise RuntimeError("the VM is not running")
+        e = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+             "LANG": "C.UTF-8", "HOME": "/root"}
+        e.update(env or {})
+        proc = subprocess.run(
+            ["nsenter", "-t", str(pid), "-m", "-n", "-p", "-u", "--", "chroot", str(self.root),
+             "/bin/sh", "-c", script],
+            env=e, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError("in the VM: %s\nexit %d\n%s\n%s" % (script, proc.returncode,
+                                                                  proc.stdout, proc.stderr))
+        return proc
+
+    def in_netns(self, *argv, **kw):
+        """A host program inside the VM's network namespace (e.g. `ss`)."""
+        return sh("ip", "netns", "exec", NETNS, *argv, **kw)
+
+    def shutdown(self):
+        if self.init is None:
+            return
+        if self.init.poll() is None:
+            # A clean stop of Docker first, as a real shutdown would.
+            try:
+                self.run("if [ -x /etc/init.d/docker ]; then /etc/init.d/docker stop; fi",
+                         check=False, timeout=60)
+            except Exception:
+                pass
+            pid = self.pid1()
+            if pid:
+                # SIGKILL to a PID namespace's init kills everything in it.
+                os.kill(pid, signal.SIGKILL)
+            try:
+                self.init.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.init.pid, signal.SIGKILL)
+                self.init.wait()
+        self.init = None
+
+    def destroy(self):
+        self.shutdown()
+        self.network_down()
+        _force_rmtree(self.root)
+
+
+def _die_with_parent():
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
