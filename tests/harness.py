@@ -210,9 +210,11 @@ class Airflow:
 
     USER = "admin"
 
-    def __init__(self, base: Path, postgres: Postgres, task_env: dict, max_map_length=8):
+    def __init__(self, base: Path, postgres: Postgres, task_env: dict, max_map_length=8,
+                 db="airflow"):
         self.home = base / "airflow"
         self.dags = base / "dags"
+        self.db = db
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.password = secrets.token_urlsafe(12)
@@ -236,9 +238,9 @@ class Airflow:
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": self.url + "/execution/",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "%s:admin" % self.USER,
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.postgres.url("airflow"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.postgres.url(self.db),
             # psycopg 3 serves Airflow's async engine too (else it wants asyncpg).
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": self.postgres.url("airflow"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": self.postgres.url(self.db),
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__BASE_URL": self.url,
@@ -257,6 +259,8 @@ class Airflow:
         self.home.mkdir(parents=True, exist_ok=True)
         self.dags.mkdir(parents=True, exist_ok=True)
         (self.home / "passwords.json").write_text(json.dumps({self.USER: self.password}))
+        if self.db != "airflow":
+            self.postgres.psql("CREATE DATABASE %s" % self.db)
         proc = subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], env=self.env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
