@@ -28,7 +28,9 @@ STEP_IMAGE = os.environ.get("MFS_TEST_STEP_IMAGE", "mfs-step:test")
 
 FLOW_FILES = ["linear_flow.py", "branches_flow.py", "foreach_flow.py", "nested_foreach_flow.py",
               "switch_flow.py", "retry_catch_flow.py", "config_project_flow.py",
-              "single_step_flow.py", "custom_names_flow.py"]
+              "single_step_flow.py", "custom_names_flow.py", "stubborn_flow.py",
+              "sleepy_flow.py"]
+UI_URL = "http://metaflow-ui.example.test"
 PROJECT_DAG = "mfs_test.user.%s.ConfigProjectFlow" % TEST_USER
 
 # key -> (dag id, params given in the trigger request)
@@ -48,7 +50,9 @@ RUNS = {
     "config_project": (PROJECT_DAG, {}),
     "single": ("SingleStepFlow", {}),
     "custom_names": ("CustomNamesFlow", {}),
+    "stubborn": ("StubbornFlow", {}),
 }
+GRACE = 10  # MFS_TIMEOUT_GRACE_SECONDS: the hard deadline is @timeout + GRACE / 2
 
 
 @dataclass
@@ -74,19 +78,20 @@ class Batch:
 
 @pytest.fixture(scope="session")
 def airflow(postgres, seaweedfs):
-    af = harness.Airflow(BASE, postgres, METAFLOW_ENV, max_map_length=MAX_MAP_LENGTH)
+    env = dict(METAFLOW_ENV, MFS_METAFLOW_UI_URL=UI_URL, MFS_TIMEOUT_GRACE_SECONDS=str(GRACE))
+    af = harness.Airflow(BASE, postgres, env, max_map_length=MAX_MAP_LENGTH)
     af.start({"MFS_EXECUTOR": "subprocess"})
     api = af.api()
     for f in FLOW_FILES:
         compile_flow(FLOWS / f, af.dags)
-    for dag_id in sorted({d for d, _ in RUNS.values()}):
+    for dag_id in sorted({d for d, _ in RUNS.values()} | {"SleepyFlow"}):
         api.wait_for_dag(dag_id)
     yield af
     af.stop()
 
 
 def worker_env(executor):
-    env = {"MFS_EXECUTOR": executor}
+    env = {"MFS_EXECUTOR": executor, "MFS_TIMEOUT_GRACE_SECONDS": str(GRACE)}
     if executor == "docker":
         env.update({
             "MFS_STEP_IMAGE": STEP_IMAGE,
@@ -318,3 +323,49 @@ def test_no_step_containers_left_behind(batch):
     out = subprocess.run(["docker", "ps", "-aq", "--filter", "label=metaflow-services=step"],
                          stdout=subprocess.PIPE, text=True, check=True).stdout.split()
     assert out == []
+
+
+def test_each_task_links_to_its_metaflow_run(batch):
+    from metaflow_services.spec import run_id_for
+
+    ok(batch, "linear")
+    links = batch.api.get("/api/v2/dags/LinearFlow/dagRuns/%s/taskInstances/b/links"
+                          % batch.runs["linear"])
+    assert links["Metaflow run"] == "%s/LinearFlow/%s" % (
+        UI_URL, run_id_for("LinearFlow", batch.runs["linear"]))
+
+
+def test_hard_deadline_kills_a_step_that_ignores_its_timeout(batch):
+    assert batch.states["stubborn"] == "failed"
+    log = batch.api.task_log("StubbornFlow", batch.runs["stubborn"], "stuck")
+    assert "stuck step running" in log
+    assert "ran past its deadline" in log
+    ti = [t for t in batch.tis("stubborn") if t["task_id"] == "stuck"][0]
+    assert ti["state"] == "failed" and ti["duration"] < 3 + GRACE + 30
+
+
+def test_cancelling_a_running_task_kills_its_step(batch):
+    from metaflow_services.spec import run_id_for
+
+    api = batch.api
+    run_id = api.trigger("SleepyFlow", run_id="sleepy__%s__%d" % (batch.executor, time.time()))
+    harness.wait_for(lambda: "sleeping" in api.task_log("SleepyFlow", run_id, "sleep"), 300,
+                     "the sleep step to start", interval=2)
+    mf_run = run_id_for("SleepyFlow", run_id)
+    assert _step_alive(batch.executor, mf_run)
+    api.patch("/api/v2/dags/SleepyFlow/dagRuns/%s/taskInstances/sleep" % run_id,
+              {"new_state": "failed"})
+    harness.wait_for(lambda: not _step_alive(batch.executor, mf_run), 90,
+                     "the cancelled step to be killed", interval=1)
+    assert api.wait_for_run("SleepyFlow", run_id, timeout=120) == "failed"
+
+
+def _step_alive(executor, mf_run_id):
+    if executor == "docker":
+        out = subprocess.run(["docker", "ps", "-q", "--filter",
+                              "label=metaflow-services.pathspec=SleepyFlow/%s/sleep/t-0" % mf_run_id],
+                             stdout=subprocess.PIPE, text=True, check=True).stdout
+        return bool(out.strip())
+    out = subprocess.run(["pgrep", "-f", "step sleep --run-id %s" % mf_run_id],
+                         stdout=subprocess.PIPE, text=True).stdout
+    return bool(out.strip())
