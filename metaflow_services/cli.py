@@ -31,6 +31,8 @@ def main(argv=None):
     c.add_argument("--json", action="store_true", help="Print a JSON summary.")
     c.set_defaults(func=cmd_compile)
 
+    _add_doctor_parser(sub)
+
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -107,6 +109,49 @@ def syntax_error(path):
     except SyntaxError as e:
         return "%s:%s: syntax error: %s" % (path, e.lineno, e.msg)
     return None
+
+
+# ---------------------------------------------------------------------------
+# `doctor`: health checks of a deployed stack (metaflow_services/health.py).
+# Runs inside the Airflow scheduler container, where the task runtime's
+# environment is; used by `fab deploy`, `fab status` and container healthchecks.
+# ---------------------------------------------------------------------------
+
+
+def _add_doctor_parser(sub):
+    d = sub.add_parser(
+        "doctor", help="Check a deployed stack (run it in the Airflow scheduler container).",
+        description="Check the database, the object store, the metadata service, the Docker "
+                    "engine and Airflow, as the task runtime sees them. Exit code 1 if any "
+                    "check fails.")
+    d.add_argument("--only", action="append", default=[],
+                   choices=["database", "object-store", "metadata", "docker", "airflow"],
+                   help="Run only this check (repeatable).")
+    d.add_argument("--ensure-bucket", action="store_true",
+                   help="Create the object store's bucket if it is missing.")
+    d.add_argument("--smoke-test", action="store_true",
+                   help="Compile a hello flow into the dags folder, run it through Airflow and "
+                        "check its artifacts (the Airflow password comes from "
+                        "$MFS_DOCTOR_AIRFLOW_PASSWORD).")
+    d.add_argument("--airflow-user", default="admin", help="Airflow user for --smoke-test and "
+                                                           "--last-runs.")
+    d.add_argument("--timeout", type=int, default=600, help="Seconds the smoke test's run may take.")
+    d.add_argument("--last-runs", type=int, default=0, metavar="N",
+                   help="Also list the N most recent DAG runs.")
+    d.add_argument("--versions", action="store_true", help="Print the versions installed here.")
+    d.add_argument("--job", metavar="JOB_TYPE",
+                   help="Only check that this container's Airflow job (e.g. DagProcessorJob) "
+                        "heartbeats (a container healthcheck).")
+    d.add_argument("--max-age", type=int, default=90,
+                   help="With --job: the oldest acceptable heartbeat, in seconds.")
+    d.add_argument("--json", action="store_true", help="Print the results as JSON.")
+    d.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args):
+    from .health import doctor
+
+    return doctor(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,200 @@
+"""Running the built commands on the VM, and the one error boundary.
+
+``Remote`` wraps a Fabric connection: every command runs as root (directly,
+or through ``sudo -n`` for an admin user with passwordless sudo, or Fabric's
+sudo with a password given by --prompt-for-sudo-password), with a clean
+environment, no stdin unless given, and its output hidden unless --verbose.
+
+``boundary`` turns every failure into one line: what failed, on which host,
+what to do; the traceback only with --verbose.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import shlex
+import socket
+import sys
+import time
+import traceback
+
+from invoke.exceptions import Exit, UnexpectedExit
+
+from .config import ConfigError
+
+
+class DeployError(Exception):
+    """A failure the user can act on: *what* failed and *fix*, what to do."""
+
+    def __init__(self, what, fix=""):
+        super().__init__(what)
+        self.what = what
+        self.fix = fix
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+
+class Out:
+    """Step headings and result lines; plain text when not on a terminal."""
+
+    def __init__(self, verbose=False, stream=None):
+        self.verbose = verbose
+        self.stream = stream or sys.stdout
+        self.color = self.stream.isatty() and not os.environ.get("NO_COLOR")
+        self.t0 = time.time()
+        self.step_t0 = self.t0
+
+    def _c(self, code, text):
+        return "\033[%sm%s\033[0m" % (code, text) if self.color else text
+
+    def step(self, title):
+        self.step_t0 = time.time()
+        self.stream.write(self._c("1", "==> %s" % title) + "\n")
+        self.stream.flush()
+
+    def ok(self, text):
+        self.stream.write("    %s %s\n" % (self._c("32", "ok"), text))
+        self.stream.flush()
+
+    def info(self, text):
+        self.stream.write("    %s\n" % text)
+        self.stream.flush()
+
+    def warn(self, text):
+        self.stream.write("    %s %s\n" % (self._c("33", "warning:"), text))
+        self.stream.flush()
+
+    def elapsed(self):
+        return time.time() - self.t0
+
+
+# ---------------------------------------------------------------------------
+# The connection
+# ---------------------------------------------------------------------------
+
+
+class Remote:
+    def __init__(self, c, out: Out):
+        self.c = c
+        self.out = out
+        self.host = self.describe(c)
+        self.sudo_mode = None      # "root", "sudo" (passwordless) or "fabric" (password)
+        self.user = None
+
+    @staticmethod
+    def describe(c):
+        port = "" if c.port == 22 else ":%s" % c.port
+        return "%s@%s%s" % (c.user, c.host, port)
+
+    def _run(self, cmd, as_root, hide, in_stream, timeout, warn):
+        kwargs = dict(hide=hide, warn=warn, in_stream=in_stream if in_stream is not None else False,
+                      timeout=timeout, env={})
+        if self.out.verbose:
+            self.out.info("$ %s%s" % ("(root) " if as_root else "", cmd if len(cmd) < 400
+                                      else cmd[:400] + " ..."))
+            kwargs["hide"] = False
+        if not as_root or self.sudo_mode == "root":
+            return self.c.run("sh -c %s" % shlex.quote(cmd), **kwargs)
+        if self.sudo_mode == "fabric":
+            return self.c.sudo("sh -c %s" % shlex.quote(cmd), **kwargs)
+        return self.c.run("sudo -n sh -c %s" % shlex.quote(cmd), **kwargs)
+
+    def run(self, cmd, as_root=True, hide=True, stdin=None, timeout=None, warn=False, what=None):
+        """Run *cmd*; on failure raise DeployError naming *what* and the
+        command's last error lines."""
+        in_stream = io.StringIO(stdin) if stdin is not None else None
+        try:
+            return self._run(cmd, as_root, hide, in_stream, timeout, warn)
+        except UnexpectedExit as e:
+            r = e.result
+            detail = _tail(r.stderr) or _tail(r.stdout)
+            raise DeployError("%s failed on %s (exit %d)%s"
+                              % (what or "a remote command", self.host, r.exited,
+                                 ": " + detail if detail else ""),
+                              "run again with --verbose to see the command and its output")
+
+    def stdout(self, cmd, **kw):
+        return self.run(cmd, **kw).stdout
+
+    def put_file(self, local_path, remote_path, progress=None):
+        """Upload to a path the login user can write (then move it as root)."""
+        # Fabric keeps one SFTP session per connection: do not close it.
+        self.c.sftp().put(str(local_path), remote_path, callback=progress)
+
+
+def _tail(text, n=3):
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])
+
+
+# ---------------------------------------------------------------------------
+# The error boundary
+# ---------------------------------------------------------------------------
+
+
+def translate(e, host):
+    """(what, fix) for an exception from connecting or running."""
+    import paramiko
+
+    if isinstance(e, DeployError):
+        return e.what, e.fix
+    if isinstance(e, ConfigError):
+        return str(e), "fix the option (deploy.example.yaml documents each one)"
+    if isinstance(e, paramiko.AuthenticationException):
+        return ("SSH authentication failed for %s: %s" % (host, e),
+                "check the user in -H user@host and the key (-i KEY, ssh-agent or ~/.ssh/config)")
+    if isinstance(e, paramiko.BadHostKeyException):
+        return ("the SSH host key of %s does not match known_hosts" % host,
+                "if the VM was rebuilt, remove its old key: ssh-keygen -R %s"
+                % host.split("@")[-1].split(":")[0])
+    if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
+        return ("cannot connect to %s: %s" % (host, _reason(e)),
+                "check the address and port, and that sshd runs on the VM")
+    if isinstance(e, (socket.timeout, TimeoutError)):
+        return ("cannot connect to %s: timed out" % host,
+                "check the address, the network path and firewalls")
+    if isinstance(e, socket.gaierror):
+        return ("cannot resolve the host name of %s: %s" % (host, e.strerror),
+                "check the host name")
+    if isinstance(e, (OSError, paramiko.SSHException)):
+        return ("SSH to %s failed: %s" % (host, e), "check the address and that sshd runs")
+    if isinstance(e, KeyboardInterrupt):
+        return ("interrupted", "run the task again: every step is safe to repeat")
+    return ("unexpected error on %s: %s: %s" % (host, type(e).__name__, e),
+            "run again with --verbose for the traceback")
+
+
+def _reason(e):
+    errors = getattr(e, "errors", {}) or {}
+    for err in errors.values():
+        return getattr(err, "strerror", None) or str(err)
+    return str(e)
+
+
+def boundary(task_name):
+    """Decorator for the body of a Fabric task: one clear line per failure."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(c, *args, **kwargs):
+            verbose = bool(kwargs.get("verbose")) or os.environ.get("MFS_VERBOSE") == "1"
+            host = Remote.describe(c) if getattr(c, "host", None) else "this workstation"
+            try:
+                return fn(c, *args, **kwargs)
+            except Exit:
+                raise
+            except BaseException as e:  # noqa: BLE001 - this is the boundary
+                what, fix = translate(e, host)
+                if verbose and not isinstance(e, (DeployError, ConfigError)):
+                    traceback.print_exc()
+                msg = "fab %s: %s" % (task_name, what)
+                if fix:
+                    msg += "\n  what to do: %s" % fix
+                raise Exit(msg, code=130 if isinstance(e, KeyboardInterrupt) else 1)
+        return inner
+    return wrap
