@@ -22,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,14 +44,9 @@ def main():
     args = ap.parse_args()
     executors = [e for e in args.executors.split(",") if e]
 
-    base = Path(tempfile.mkdtemp(prefix="mfs-bench-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    mflocal = base / "mflocal"
-    mflocal.mkdir()
-    os.chmod(mflocal, 0o777)
+    base, mflocal = harness.scratch_dir("mfs-bench-")
     s3, pg = harness.SeaweedFS(base), harness.Postgres(base)
-    env = dict(s3.env(), METAFLOW_DEFAULT_METADATA="local",
-               METAFLOW_DATASTORE_SYSROOT_LOCAL=str(mflocal), METAFLOW_USER="bench")
+    env = harness.metaflow_env(s3, mflocal, "bench")
     os.environ.update(env)
     af = None
     results = {"machine": os.uname().nodename, "when": datetime.datetime.utcnow().isoformat()}
@@ -79,15 +73,7 @@ def main():
             print("%-12s metaflow runtime      wall %6.1f s" % (key, t), flush=True)
 
         for executor in executors:
-            worker = {"MFS_EXECUTOR": executor}
-            if executor == "docker":
-                worker.update({"MFS_STEP_IMAGE": args.step_image, "MFS_DOCKER_PULL": "never",
-                               "MFS_DOCKER_NETWORK": "host",
-                               "MFS_DOCKER_VOLUMES": "%s:%s" % (mflocal, mflocal),
-                               "MFS_DOCKER_CODE_CACHE": str(base / "code-cache")})
-            else:
-                worker["MFS_CODE_CACHE_DIR"] = str(base / "code-cache-sub")
-            af.start_scheduler(worker)
+            af.start_scheduler(harness.worker_env(executor, base, mflocal, args.step_image))
             time.sleep(5)
             api = af.api()
             for key, (fname, dag_id) in FLOWS.items():

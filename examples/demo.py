@@ -13,7 +13,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,22 +31,11 @@ def main():
     args = ap.parse_args()
     executor = args.executor or ("docker" if _image_exists("mfs-step:test") else "subprocess")
 
-    base = Path(tempfile.mkdtemp(prefix="mfs-demo-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    mflocal = base / "metaflow"
-    mflocal.mkdir()
-    os.chmod(mflocal, 0o777)
+    base, mflocal = harness.scratch_dir("mfs-demo-")
     s3, pg = harness.SeaweedFS(base), harness.Postgres(base)
-    env = dict(s3.env(), METAFLOW_DEFAULT_METADATA="local",
-               METAFLOW_DATASTORE_SYSROOT_LOCAL=str(mflocal),
-               METAFLOW_USER=os.environ.get("METAFLOW_USER", "demo"))
+    env = harness.metaflow_env(s3, mflocal, os.environ.get("METAFLOW_USER", "demo"))
     os.environ.update(env)
-    worker = {"MFS_EXECUTOR": executor}
-    if executor == "docker":
-        worker.update({"MFS_STEP_IMAGE": "mfs-step:test", "MFS_DOCKER_PULL": "never",
-                       "MFS_DOCKER_NETWORK": "host",
-                       "MFS_DOCKER_VOLUMES": "%s:%s" % (mflocal, mflocal),
-                       "MFS_DOCKER_CODE_CACHE": str(base / "code-cache")})
+    worker = harness.worker_env(executor, base, mflocal)
     af = harness.Airflow(base, pg, env, max_map_length=1024)
     try:
         step("Starting PostgreSQL, SeaweedFS (S3) and Airflow 3 in %s" % base)

@@ -38,7 +38,9 @@ DEADLINE_EXIT = 124
 def main():
     task = json.loads(os.environ.pop("MFS_TASK"))
     t0 = time.time()
-    deadline = t0 + task["deadline_seconds"] if task.get("deadline_seconds") else None
+    # Counted from the start of each Metaflow command, not of this program:
+    # a slow package download or a loaded host must not eat the step's time.
+    deadline = task.get("deadline_seconds")
     pkg_root = ensure_package(task["package"], task["cache_dir"])
     workdir = tempfile.mkdtemp(prefix="mfs-task-")
     env = dict(os.environ)
@@ -251,11 +253,12 @@ class LogCapture:
 
 
 class StepRunner:
-    def __init__(self, env, workdir, logs, deadline):
+    def __init__(self, env, workdir, logs, deadline_seconds):
         self.env = env
         self.workdir = workdir
         self.logs = logs
-        self.deadline = deadline
+        self.deadline_seconds = deadline_seconds
+        self.deadline = None
         self.proc = None
         self.deadline_hit = False
         self.terminated = False
@@ -265,6 +268,8 @@ class StepRunner:
             return 143
         env = dict(self.env)
         env.update(extra_env)
+        if self.deadline_seconds:
+            self.deadline = time.time() + self.deadline_seconds
         # A session of its own, so @timeout/cancel can kill everything the
         # step started (subprocesses, multiprocessing pools).
         self.proc = subprocess.Popen(

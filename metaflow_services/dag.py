@@ -27,7 +27,7 @@ from airflow.sdk import (
     task_group,
 )
 
-from .spec import SPEC_VERSION, run_id_for
+from .spec import SPEC_VERSION, normalize, run_id_for
 
 # A fixed, timezone-aware start date: Airflow 3 needs one for scheduled DAGs,
 # and `now()` would change on every parse.
@@ -83,6 +83,7 @@ def build_dag(spec: dict) -> DAG:
             "metaflow-services reads version %d: compile the flow again."
             % (spec.get("spec_version"), SPEC_VERSION)
         )
+    spec = normalize(spec)
     flow = spec["flow"]
     tags = ["metaflow", flow["name"]]
     if flow["project"]:

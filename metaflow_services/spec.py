@@ -26,6 +26,9 @@ Spec, version 1 (all keys always present)::
                        retry_delay_seconds, timeout_seconds, env, resources,
                        image, decorators, group}}
     package           {sha, url, path, datastore, metadata, post_extract_env}
+
+In the file, step entries leave out keys that have their default value
+(``STEP_DEFAULTS``), so the file stays short; ``normalize`` puts them back.
 """
 
 from __future__ import annotations
@@ -39,6 +42,39 @@ SPEC_VERSION = 1
 
 # Task id of Metaflow's `_parameters` pseudo-task (created by `init`).
 PARAMS_TASK_ID = "params"
+
+
+STEP_DEFAULTS = {
+    "in": [],
+    "foreach_stack": [],
+    "foreach_param": None,
+    "recursive": False,
+    "doc": "",
+    "max_user_code_retries": 0,
+    "retries": 0,
+    "retry_delay_seconds": 0,
+    "timeout_seconds": None,
+    "env": {},
+    "resources": None,
+    "image": None,
+    "decorators": [],
+    "group": None,
+}
+
+
+def compact(spec: dict) -> dict:
+    out = dict(spec)
+    out["steps"] = {
+        name: {k: v for k, v in step.items() if k not in STEP_DEFAULTS or STEP_DEFAULTS[k] != v}
+        for name, step in spec["steps"].items()
+    }
+    return out
+
+
+def normalize(spec: dict) -> dict:
+    out = dict(spec)
+    out["steps"] = {name: dict(STEP_DEFAULTS, **step) for name, step in spec["steps"].items()}
+    return out
 
 
 def foreach_groups_root(foreach_stack):
@@ -94,7 +130,7 @@ def render_dag_file(spec: dict) -> str:
         "from metaflow_services.dag import build_dag\n\n"
         "SPEC = %s\n\n"
         "dag = build_dag(SPEC)\n"
-    ) % pprint.pformat(spec, indent=1, width=100, sort_dicts=False)
+    ) % pprint.pformat(compact(spec), indent=1, width=100, sort_dicts=False)
     return header + "\n" + body
 
 

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,26 +26,14 @@ import harness  # noqa: E402
 FLOWS = Path(__file__).parent / "flows"
 VENV_BIN = Path(sys.executable).parent
 
-# World-traversable (PostgreSQL runs as its own user; step containers mount
-# parts of it), unlike pytest's tmp_path.
-BASE = Path(tempfile.mkdtemp(prefix="mfs-tests-", dir="/tmp"))
-os.chmod(BASE, 0o755)
-MFLOCAL = BASE / "mflocal"
-MFLOCAL.mkdir()
-os.chmod(MFLOCAL, 0o777)
+BASE, MFLOCAL = harness.scratch_dir("mfs-tests-")
 
 SEAWEED = harness.SeaweedFS(BASE)
 POSTGRES = harness.Postgres(BASE)
 TEST_USER = "tester"
 
-# What every Metaflow process of the tests sees (the client in this process,
-# the compiler, and the Airflow workers): the S3 datastore in SeaweedFS and
-# Metaflow's local metadata in a directory shared with every task.
-METAFLOW_ENV = dict(SEAWEED.env(), **{
-    "METAFLOW_DEFAULT_METADATA": "local",
-    "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(MFLOCAL),
-    "METAFLOW_USER": TEST_USER,
-})
+# The client in this process, the compiler and the Airflow workers all see it.
+METAFLOW_ENV = harness.metaflow_env(SEAWEED, MFLOCAL, TEST_USER)
 os.environ.update(METAFLOW_ENV)
 
 

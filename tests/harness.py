@@ -55,6 +55,45 @@ def wait_for(predicate, timeout, what, interval=0.5):
     raise TimeoutError("timed out after %ss waiting for %s (last error: %s)" % (timeout, what, last))
 
 
+def scratch_dir(prefix):
+    """A world-traversable scratch directory with a shared Metaflow local-
+    metadata folder (PostgreSQL runs as its own user; step containers mount
+    the metadata folder), unlike pytest's private tmp_path."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(base, 0o755)
+    mflocal = base / "mflocal"
+    mflocal.mkdir()
+    os.chmod(mflocal, 0o777)
+    return base, mflocal
+
+
+def metaflow_env(seaweedfs, mflocal, user):
+    """What every Metaflow process sees: the S3 datastore in SeaweedFS and
+    Metaflow's local metadata in a directory shared by all tasks."""
+    return dict(seaweedfs.env(), METAFLOW_DEFAULT_METADATA="local",
+                METAFLOW_DATASTORE_SYSROOT_LOCAL=str(mflocal), METAFLOW_USER=user)
+
+
+def worker_env(executor, base, mflocal, step_image="mfs-step:test", **extra):
+    """The Airflow worker's MFS_* settings for one executor on this machine."""
+    env = {"MFS_EXECUTOR": executor}
+    if executor == "docker":
+        env.update({
+            "MFS_STEP_IMAGE": step_image,
+            "MFS_DOCKER_PULL": "never",
+            # SeaweedFS listens on the host's loopback.
+            "MFS_DOCKER_NETWORK": "host",
+            "MFS_DOCKER_VOLUMES": "%s:%s" % (mflocal, mflocal),
+            "MFS_DOCKER_CODE_CACHE": str(base / "code-cache-docker"),
+        })
+    else:
+        env["MFS_CODE_CACHE_DIR"] = str(base / "code-cache-subprocess")
+    env.update(extra)
+    return env
+
+
 class Process:
     """A background service process whose output goes to a log file."""
 

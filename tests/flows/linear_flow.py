@@ -34,6 +34,7 @@ class LinearFlow(FlowSpec):
     def a(self):
         self.env_value = os.environ.get("MFS_TEST_ENV")
         self.memory_limit = _memory_limit()
+        self.cpu_limit = _cpu_limit()
         self.next(self.b)
 
     @card
@@ -57,6 +58,24 @@ def _memory_limit():
         except OSError:
             continue
     return None
+
+
+def _cpu_limit():
+    """CPUs this process's cgroup may use (quota / period), if limited."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period = int(f.read())
+        return None if quota < 0 else quota / period
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":
