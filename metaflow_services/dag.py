@@ -137,7 +137,9 @@ def _operator(spec, name, group=None):
     kwargs = {}
     if step["timeout_seconds"]:
         grace = int(os.environ.get("MFS_TIMEOUT_GRACE_SECONDS") or 60)
-        kwargs["execution_timeout"] = datetime.timedelta(seconds=step["timeout_seconds"] + grace)
+        # The bootstrap's own deadline (@timeout + grace) fires first; Airflow's
+        # is the last resort (it then cancels the task, which kills the step).
+        kwargs["execution_timeout"] = datetime.timedelta(seconds=step["timeout_seconds"] + 2 * grace)
     if group is not None:
         kwargs["map_index_template"] = "{{ mfs_label }}"
     return MetaflowStepOperator(

@@ -279,7 +279,7 @@ def smoke_test(user, password, timeout=600, say=print) -> Check:
         if proc.returncode != 0:
             return Check("smoke-test", False, "compiling the hello flow failed: %s"
                          % proc.stdout.strip()[-800:], "see the output above")
-    say("    compiled %s into %s/%s.py (%.0fs)" % (SMOKE_FLOW, dags, SMOKE_DAG_ID, time.time() - t0))
+    say("compiled %s into %s/%s.py (%.0fs)" % (SMOKE_FLOW, dags, SMOKE_DAG_ID, time.time() - t0))
 
     client = AirflowClient(user, password)
     deadline = time.time() + 180
@@ -299,7 +299,7 @@ def smoke_test(user, password, timeout=600, say=print) -> Check:
     airflow_run = "smoke__%s" % time.strftime("%Y%m%dT%H%M%S")
     client.request("POST", "/api/v2/dags/%s/dagRuns" % SMOKE_DAG_ID,
                    json={"logical_date": None, "dag_run_id": airflow_run, "conf": {}})
-    say("    triggered %s run %s" % (SMOKE_DAG_ID, airflow_run))
+    say("triggered %s run %s" % (SMOKE_DAG_ID, airflow_run))
 
     deadline = time.time() + timeout
     last = None
@@ -311,7 +311,7 @@ def smoke_test(user, password, timeout=600, say=print) -> Check:
         progress = ", ".join("%s %s" % (t["task_id"], t.get("state") or "none")
                              for t in sorted(tis, key=lambda t: t["task_id"]))
         if progress != last:
-            say("    %3.0fs  %s" % (time.time() - t0, progress or state))
+            say("%3.0fs  %s" % (time.time() - t0, progress or state))
             last = progress
         if state in ("success", "failed"):
             break

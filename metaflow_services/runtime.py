@@ -343,7 +343,9 @@ class StepRun:
 
         deadline = None
         if s["timeout_seconds"]:
-            deadline = s["timeout_seconds"] + self.settings.timeout_grace_seconds // 2
+            # @timeout's own alarm fires first; this backstop leaves time for
+            # @catch and for persisting artifacts on a busy machine.
+            deadline = s["timeout_seconds"] + self.settings.timeout_grace_seconds
 
         image = s.get("image") or spec.get("image") or self.settings.step_image
         task = {

@@ -155,7 +155,7 @@ def test_retry_catch_timeout_map_to_airflow(compiled):
     # @catch: Metaflow's error retries (NUM_FALLBACK_RETRIES), so a crashed
     # attempt is followed by one that runs the fallback.
     assert t["raises"].retries == 3
-    assert t["too_slow"].execution_timeout == datetime.timedelta(seconds=5 + 60)
+    assert t["too_slow"].execution_timeout == datetime.timedelta(seconds=5 + 2 * 60)
     spec = load_spec(compiled / "RetryCatchFlow.py")
     assert spec["steps"]["start"]["max_user_code_retries"] == 2
     assert spec["steps"]["raises"]["max_user_code_retries"] == 0
