@@ -8,6 +8,7 @@ it checks before it acts and says what it did ("exists, skipped").
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import shlex
 
@@ -195,6 +196,22 @@ def start_docker() -> str:
     ])
 
 
+def docker_daemon_config() -> str:
+    """Docker's live-restore: containers keep running while the daemon
+    restarts (package upgrades, `service docker restart`), so the stack is not
+    stopped by them. Written only if the host has no daemon.json yet (an
+    existing one is the administrator's: reported, not changed); applied with
+    a reload (SIGHUP), which restarts nothing."""
+    return ("f=/etc/docker/daemon.json; "
+            "if [ ! -e $f ]; then install -d -m 0755 /etc/docker && "
+            "printf '{\\n  \"live-restore\": true\\n}\\n' > $f && "
+            "{ pid=$(pidof dockerd || true); [ -z \"$pid\" ] || kill -HUP $pid; } && "
+            "echo 'written (live-restore)'; "
+            "elif grep -Eq '\"live-restore\"[[:space:]]*:[[:space:]]*true' $f; then "
+            "echo 'live-restore on, skipped'; "
+            "else echo 'exists without live-restore, left as it is'; fi")
+
+
 def docker_versions() -> str:
     return ("echo \"server=$(docker version --format '{{.Server.Version}}')\"; "
             "echo \"compose=$(docker compose version --short)\"; "
@@ -231,15 +248,27 @@ def read_file(path) -> str:
     return "cat %s 2>/dev/null || true" % q(path)
 
 
-def write_file(path, mode="0644", owner="root:root") -> str:
-    """Write stdin to *path* atomically, only if the content differs; prints
-    'unchanged' or 'written'."""
+def write_file(path, content, mode="0644", owner="root:root") -> str:
+    """Write *content* (no secrets: it is part of the command) to *path*
+    atomically, only if it differs; prints 'unchanged' or 'written'."""
+    data = base64.b64encode(content.encode()).decode()
+    return install_if_changed("printf %%s %s | base64 -d" % data, path, mode, owner)
+
+
+def install_uploaded(src, path, mode="0600", owner="root:root") -> str:
+    """Move a file uploaded to a private temporary folder into place (for
+    files that must not appear on a command line, like a TLS key)."""
+    return install_if_changed("cat %s" % q(src), path, mode, owner) + \
+        " && rm -rf \"$(dirname %s)\"" % q(src)
+
+
+def install_if_changed(producer, path, mode, owner) -> str:
     p = q(path)
     tmp = q(path + ".new")
-    return ("install -d -m 0755 \"$(dirname %s)\" && umask 077 && cat > %s && "
+    return ("install -d -m 0755 \"$(dirname %s)\" && (umask 077 && %s > %s) && "
             "if cmp -s %s %s; then rm -f %s; echo unchanged; else chmod %s %s && chown %s %s "
             "&& mv -f %s %s && echo written; fi"
-            % (p, tmp, tmp, p, tmp, mode, tmp, owner, tmp, tmp, p))
+            % (p, producer, tmp, tmp, p, tmp, mode, tmp, owner, tmp, tmp, p))
 
 
 def unpack_stack(install_dir, archive, sha, files) -> str:
@@ -412,7 +441,16 @@ def parse_containers(text):
 
 def up(install_dir) -> str:
     # Images are pulled, loaded or built beforehand: compose must not try.
-    return compose(install_dir, "up -d --no-build --pull never --remove-orphans")
+    # Plain progress lines (no terminal): what it creates, waits for, starts.
+    return compose(install_dir, "--ansi never --progress plain up -d --no-build --pull never "
+                                "--remove-orphans")
+
+
+def logs(install_dir, service="", tail=200, follow=False) -> str:
+    # Compose writes terminal clear-line codes even without a terminal.
+    args = "--ansi never logs --no-color --tail %d%s%s" % (
+        tail, " --follow" if follow else "", " " + q(service) if service else "")
+    return compose(install_dir, args) + r" | sed -u 's/\x1b\[[0-9;]*K//g'"
 
 
 def remove_containers(ids) -> str:
@@ -430,6 +468,14 @@ def scheduler_exec(install_dir, args, password_var=None) -> str:
         env = "-e MFS_DOCTOR_AIRFLOW_PASSWORD "
     return ("cd %s && %sdocker compose exec -T %sairflow-scheduler metaflow-services %s"
             % (q(install_dir), prefix, env, args))
+
+
+def smoke_pending(install_dir, action) -> str:
+    """The marker of a smoke test still to pass: set, get (yes/no), clear."""
+    f = q(install_dir + "/state/smoke-test-pending")
+    return {"set": "install -d %s/state && touch %s" % (q(install_dir), f),
+            "get": "[ -e %s ] && echo yes || echo no" % f,
+            "clear": "rm -f %s" % f}[action]
 
 
 def check_proxy(port, path="/") -> str:

@@ -12,7 +12,6 @@ what to do; the traceback only with --verbose.
 from __future__ import annotations
 
 import functools
-import io
 import os
 import shlex
 import socket
@@ -53,6 +52,8 @@ class Out:
         return "\033[%sm%s\033[0m" % (code, text) if self.color else text
 
     def step(self, title):
+        if os.environ.get("MFS_DEPLOY_TIMINGS"):
+            self.stream.write("    (%.1fs)\n" % (time.time() - self.step_t0))
         self.step_t0 = time.time()
         self.stream.write(self._c("1", "==> %s" % title) + "\n")
         self.stream.flush()
@@ -91,9 +92,12 @@ class Remote:
         port = "" if c.port == 22 else ":%s" % c.port
         return "%s@%s%s" % (c.user, c.host, port)
 
-    def _run(self, cmd, as_root, hide, in_stream, timeout, warn):
-        kwargs = dict(hide=hide, warn=warn, in_stream=in_stream if in_stream is not None else False,
-                      timeout=timeout, env={})
+    def _run(self, cmd, as_root, hide, timeout, warn, raw=False):
+        kwargs = dict(hide=hide, warn=warn, in_stream=False, timeout=timeout, env={})
+        if not hide and not raw:
+            # Streamed output (progress of long commands), indented under the
+            # step's heading.
+            kwargs["out_stream"] = kwargs["err_stream"] = _Indented(self.out.stream)
         if self.out.verbose:
             self.out.info("$ %s%s" % ("(root) " if as_root else "", cmd if len(cmd) < 400
                                       else cmd[:400] + " ..."))
@@ -104,27 +108,57 @@ class Remote:
             return self.c.sudo("sh -c %s" % shlex.quote(cmd), **kwargs)
         return self.c.run("sudo -n sh -c %s" % shlex.quote(cmd), **kwargs)
 
-    def run(self, cmd, as_root=True, hide=True, stdin=None, timeout=None, warn=False, what=None):
+    def run(self, cmd, as_root=True, hide=True, timeout=None, warn=False, what=None, raw=False):
         """Run *cmd*; on failure raise DeployError naming *what* and the
-        command's last error lines."""
-        in_stream = io.StringIO(stdin) if stdin is not None else None
+        command's last error lines. Data for the VM goes into the command or
+        through SFTP, not stdin (invoke feeds stdin a byte at a time)."""
+        t0 = time.time()
         try:
-            return self._run(cmd, as_root, hide, in_stream, timeout, warn)
+            return self._run(cmd, as_root, hide, timeout, warn, raw)
         except UnexpectedExit as e:
             r = e.result
             detail = _tail(r.stderr) or _tail(r.stdout)
-            raise DeployError("%s failed on %s (exit %d)%s"
-                              % (what or "a remote command", self.host, r.exited,
+            raise DeployError("%s failed (exit %d)%s"
+                              % (what or "a remote command", r.exited,
                                  ": " + detail if detail else ""),
                               "run again with --verbose to see the command and its output")
+        finally:
+            if os.environ.get("MFS_DEPLOY_TIMINGS"):
+                self.out.info("[%.2fs] %s" % (time.time() - t0, what or cmd[:60]))
 
     def stdout(self, cmd, **kw):
         return self.run(cmd, **kw).stdout
+
+    def put_private(self, local_path, name):
+        """Upload into a new folder only the login user can read; returns the
+        remote path (install_uploaded moves it into place and removes it)."""
+        d = self.stdout("mktemp -d", as_root=False, what="creating a temporary folder").strip()
+        self.put_file(local_path, "%s/%s" % (d, name))
+        return "%s/%s" % (d, name)
 
     def put_file(self, local_path, remote_path, progress=None):
         """Upload to a path the login user can write (then move it as root)."""
         # Fabric keeps one SFTP session per connection: do not close it.
         self.c.sftp().put(str(local_path), remote_path, callback=progress)
+
+
+class _Indented:
+    def __init__(self, stream, prefix="    "):
+        self.stream = stream
+        self.prefix = prefix
+        self.at_line_start = True
+
+    def write(self, text):
+        out = []
+        for ch in text:
+            if self.at_line_start and ch != "\n":
+                out.append(self.prefix)
+            out.append(ch)
+            self.at_line_start = ch == "\n"
+        self.stream.write("".join(out))
+
+    def flush(self):
+        self.stream.flush()
 
 
 def _tail(text, n=3):
@@ -146,26 +180,26 @@ def translate(e, host):
     if isinstance(e, ConfigError):
         return str(e), "fix the option (deploy.example.yaml documents each one)"
     if isinstance(e, paramiko.AuthenticationException):
-        return ("SSH authentication failed for %s: %s" % (host, e),
+        return ("SSH authentication failed: %s" % e,
                 "check the user in -H user@host and the key (-i KEY, ssh-agent or ~/.ssh/config)")
     if isinstance(e, paramiko.BadHostKeyException):
-        return ("the SSH host key of %s does not match known_hosts" % host,
+        return ("the VM's SSH host key does not match known_hosts",
                 "if the VM was rebuilt, remove its old key: ssh-keygen -R %s"
                 % host.split("@")[-1].split(":")[0])
     if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
-        return ("cannot connect to %s: %s" % (host, _reason(e)),
+        return ("cannot connect: %s" % _reason(e),
                 "check the address and port, and that sshd runs on the VM")
     if isinstance(e, (socket.timeout, TimeoutError)):
-        return ("cannot connect to %s: timed out" % host,
+        return ("cannot connect: timed out",
                 "check the address, the network path and firewalls")
     if isinstance(e, socket.gaierror):
         return ("cannot resolve the host name of %s: %s" % (host, e.strerror),
                 "check the host name")
     if isinstance(e, (OSError, paramiko.SSHException)):
-        return ("SSH to %s failed: %s" % (host, e), "check the address and that sshd runs")
+        return ("SSH failed: %s" % e, "check the address and that sshd runs")
     if isinstance(e, KeyboardInterrupt):
         return ("interrupted", "run the task again: every step is safe to repeat")
-    return ("unexpected error on %s: %s: %s" % (host, type(e).__name__, e),
+    return ("unexpected error: %s: %s" % (type(e).__name__, e),
             "run again with --verbose for the traceback")
 
 
@@ -192,9 +226,10 @@ def boundary(task_name):
                 what, fix = translate(e, host)
                 if verbose and not isinstance(e, (DeployError, ConfigError)):
                     traceback.print_exc()
-                msg = "fab %s: %s" % (task_name, what)
+                # One line: what failed, where, what to do.
+                msg = "fab %s on %s: %s" % (task_name, host, what)
                 if fix:
-                    msg += "\n  what to do: %s" % fix
+                    msg += "; what to do: %s" % fix
                 raise Exit(msg, code=130 if isinstance(e, KeyboardInterrupt) else 1)
         return inner
     return wrap

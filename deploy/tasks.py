@@ -197,7 +197,7 @@ class Deployment:
     @contextmanager
     def lock(self, what):
         holder = "%s by %s@%s (pid %d) since %s" % (
-            what, os.environ.get("USER", "?"), socket.gethostname(), os.getpid(),
+            what, _local_user(), socket.gethostname(), os.getpid(),
             time.strftime("%Y-%m-%d %H:%M:%S"))
         res = self.r.stdout(cmd.acquire_lock(self.o.project, holder), what="taking the deploy lock")
         if not res.startswith("acquired"):
@@ -256,6 +256,12 @@ class Deployment:
                                                  apt_opts),
                            what="installing Docker from Docker's apt repository", timeout=1800)
             self.out.ok("installed in %s" % _duration(time.time() - t0))
+        res = self.r.stdout(cmd.docker_daemon_config(), what="configuring Docker").strip()
+        if "left as it is" in res:
+            self.out.warn("/etc/docker/daemon.json exists without \"live-restore\": true; add it "
+                          "so Docker restarts and upgrades do not stop the stack")
+        else:
+            self.out.ok("/etc/docker/daemon.json: %s" % res)
         res = self.r.stdout(cmd.start_docker(), what="starting Docker", timeout=300).strip()
         self.out.ok("Docker engine: %s" % res.splitlines()[-1])
         if "directly" in res:
@@ -299,11 +305,14 @@ class Deployment:
         self.out.step("TLS certificate")
         o = self.o
         if o.tls.cert:
-            for name, local, mode in (("cert.pem", o.tls.cert, "0644"), ("key.pem", o.tls.key, "0600")):
-                content = Path(local).expanduser().read_text()
-                res = self.r.stdout(cmd.write_file("%s/tls/%s" % (self.dir, name), mode),
-                                    stdin=content, what="installing the TLS %s" % name).strip()
-                self.out.ok("%s from %s: %s" % (name, local, res))
+            cert = Path(o.tls.cert).expanduser().read_text()
+            res = self.r.stdout(cmd.write_file("%s/tls/cert.pem" % self.dir, cert, "0644"),
+                                what="installing the TLS certificate").strip()
+            self.out.ok("certificate from %s: %s" % (o.tls.cert, res))
+            tmp = self.r.put_private(Path(o.tls.key).expanduser(), "key.pem")
+            res = self.r.stdout(cmd.install_uploaded(tmp, "%s/tls/key.pem" % self.dir, "0600"),
+                                what="installing the TLS key").strip()
+            self.out.ok("key from %s: %s" % (o.tls.key, res))
             self.r.run("rm -f %s/tls/.self-signed-for" % cmd.q(self.dir))
         else:
             res = self.r.stdout(cmd.self_signed_cert(self.dir, o.public_host, _is_ip(o.public_host)),
@@ -318,7 +327,7 @@ class Deployment:
         env = stack.settings_env(self.o, {
             "docker_gid": f["docker_gid"], "cores": int(f.get("cores") or 1),
             "memory_gb": int(f.get("mem_kb") or 0) / 1024 / 1024, "tls_sha": f["tls_sha"]})
-        self.r.run(cmd.write_file(self.dir + "/settings.env", "0600"), stdin=env,
+        self.r.run(cmd.write_file(self.dir + "/settings.env", env, "0600"),
                    what="writing settings.env")
         res = self.r.stdout(cmd.assemble_env(self.dir), what="writing .env").strip()
         self.out.ok(".env (settings + secrets): %s" % res)
@@ -450,13 +459,17 @@ class Deployment:
             self.out.ok("all %d services up to date, nothing restarted" % len(svcs))
             return
         self.changed = True
+        # Until a smoke test passes, later deploys run it even if they change
+        # nothing (this one may fail or be interrupted before it).
+        self.r.run(cmd.smoke_pending(self.dir, "set"), what="recording the pending smoke test")
         for line in p.lines():
             self.out.info(line)
         stale = [c["id"] for c in containers if c["service"] in p.remove]
         if stale:
             self.r.run(cmd.remove_containers(stale), what="removing containers no longer needed")
         t0 = time.time()
-        self.r.run(cmd.up(self.dir), what="docker compose up", timeout=3600)
+        self.r.run(cmd.up(self.dir), what="docker compose up", timeout=3600,
+                   hide=False)
         self.out.ok("docker compose up in %s" % _duration(time.time() - t0))
 
     def wait_healthy(self, timeout=None):
@@ -502,13 +515,23 @@ class Deployment:
 
     def bucket(self):
         self.out.step("bucket %s" % self.o.bucket)
-        res = self.r.stdout(cmd.scheduler_exec(self.dir, "doctor --ensure-bucket --only object-store"),
-                            what="creating the bucket").strip()
-        self.out.ok(res.splitlines()[-1].strip() if res else "ok")
+        res = self.r.run(cmd.scheduler_exec(self.dir, "doctor --ensure-bucket --only object-store "
+                                                      "--json"), what="creating the bucket",
+                         warn=True)
+        try:
+            check = json.loads(res.stdout)[0]
+        except (ValueError, IndexError, KeyError):
+            raise DeployError("checking the bucket failed: %s" % (res.stderr or res.stdout).strip()[-300:],
+                              "see: fab -H %s logs airflow-scheduler" % self.r.host)
+        if not check["ok"]:
+            raise DeployError(check["detail"], check.get("fix") or "")
+        self.out.ok(check["detail"])
 
     def smoke_test(self):
         mode = self.o.smoke_test
-        if mode == "never" or (mode == "on-change" and not self.changed):
+        pending = self.changed or self.r.stdout(cmd.smoke_pending(self.dir, "get"),
+                                                what="reading the smoke test state").strip() == "yes"
+        if mode == "never" or (mode == "on-change" and not pending):
             self.out.step("smoke test")
             self.out.ok("skipped (%s; --smoke-test always forces it)"
                         % ("nothing changed" if mode == "on-change" else "smoke_test: never"))
@@ -519,13 +542,14 @@ class Deployment:
         self.r.run(cmd.scheduler_exec(self.dir, "doctor --smoke-test --airflow-user %s" % admin,
                                       password_var=stack.airflow_password_var(admin)),
                    hide=False, what="the smoke test", timeout=1200)
+        self.r.run(cmd.smoke_pending(self.dir, "clear"), what="recording the smoke test")
         self.out.ok("passed in %s" % _duration(time.time() - t0))
 
     def record(self):
         o = self.o
         state = {"deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "metaflow_services_version": __version__,
-                 "by": "%s@%s" % (os.environ.get("USER", "?"), socket.gethostname()),
+                 "by": "%s@%s" % (_local_user(), socket.gethostname()),
                  "public_host": o.public_host, "ports": {"https": o.ports.https,
                                                          "metaflow": o.ports.metaflow,
                                                          "s3": o.ports.s3},
@@ -533,8 +557,8 @@ class Deployment:
                  "bucket": o.bucket, "project": o.project, "data_dir": o.data_dir,
                  "airflow_users": o.airflow.users, "metaflow_ui_user": o.metaflow_ui.user,
                  "self_signed": not o.tls.cert, "images": stack.images(o)}
-        self.r.run(cmd.write_file(self.dir + "/state/deploy.json", "0644"),
-                   stdin=json.dumps(state, indent=2, sort_keys=True) + "\n",
+        self.r.run(cmd.write_file(self.dir + "/state/deploy.json",
+                                  json.dumps(state, indent=2, sort_keys=True) + "\n", "0644"),
                    what="recording the deploy")
 
     def summary(self):
@@ -556,7 +580,7 @@ class Deployment:
             "Passwords and keys:  fab -H %s secrets --show   (on the VM: %s/secrets.env, mode 0600)"
             % (h, self.dir),
             "Laptop profile:      fab -H %s client-config --name NAME" % h,
-            "Status and logs:     fab -H %s status  |  fab -H %s logs [SERVICE]" % (h, h),
+            "Status and logs:     fab -H %s status  |  fab -H %s logs [-s SERVICE]" % (h, h),
         ]
         if not o.tls.cert:
             lines.append("TLS: a self-signed certificate (browsers warn once); give your own with "
@@ -588,6 +612,15 @@ def _pending(svcs, containers):
         elif c["health"] not in ("healthy", "none"):
             pending[name] = c["health"]
     return pending, failed
+
+
+def _local_user():
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name is not an error
+        return "?"
 
 
 def _overlaps(listen_ip, bind_address):
@@ -690,15 +723,15 @@ def status(c, config=None, verbose=False):
         raise Exit("fab status on %s: some checks failed (above)" % r.host, code=1)
 
 
-@task(help=dict(COMMON_HELP, follow="keep printing new lines", tail="lines per service"))
+@task(help=dict(COMMON_HELP, service="one service, e.g. airflow-scheduler (default: all)",
+                follow="keep printing new lines", tail="lines per service"))
 @boundary("logs")
 def logs(c, service="", follow=False, tail=200, config=None, verbose=False):
-    """Logs of one service (or all): fab logs airflow-scheduler."""
+    """Logs of the stack's services: fab logs [-s SERVICE] [-f] [-t LINES]."""
     out, o, r, d = _connect(c, "logs", verbose, config)
     d.whoami()
-    args = "logs --no-color --tail %d%s %s" % (int(tail), " --follow" if follow else "",
-                                               cmd.q(service) if service else "")
-    r.run(cmd.compose(d.dir, args.strip()), hide=False, what="docker compose logs")
+    r.run(cmd.logs(d.dir, service, int(tail), follow), hide=False, raw=True,
+          what="docker compose logs")
 
 
 @task(help=COMMON_HELP)

@@ -256,6 +256,12 @@ exec /usr/sbin/sshd -D -e
         """A host program inside the VM's network namespace (e.g. `ss`)."""
         return sh("ip", "netns", "exec", NETNS, *argv, **kw)
 
+    def in_netns_popen(self, argv):
+        """A host program in the background inside the VM's network namespace
+        (e.g. something that occupies a port)."""
+        return subprocess.Popen(["ip", "netns", "exec", NETNS, *argv], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
     def shutdown(self):
         if self.init is None:
             return

@@ -1,0 +1,231 @@
+"""The stack as Docker Compose renders it (`docker compose config`) with what
+the deploy writes into .env: every service's environment, healthcheck,
+published ports and volumes, for the full stack (with the Metaflow services,
+whose images cannot be run on the test machines) and the other variants."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+if getattr(sys.modules.get("deploy"), "__file__", "") is None:
+    del sys.modules["deploy"]
+
+from deploy import config, stack  # noqa: E402
+
+HAVE_COMPOSE = shutil.which("docker") and subprocess.run(
+    ["docker", "compose", "version"], stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL).returncode == 0
+pytestmark = pytest.mark.skipif(not HAVE_COMPOSE, reason="needs the docker compose CLI "
+                                                         "(scripts/host-setup installs it)")
+LONG_RUNNING_AIRFLOW = ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
+                        "airflow-triggerer", "airflow-log-cleanup")
+FACTS = {"docker_gid": "988", "cores": 2, "memory_gb": 3.8, "tls_sha": "0123456789abcdef"}
+
+
+def render(tmp_path, **options):
+    o = config.Options(public_host="mfs.example.com")
+    for k, v in options.items():
+        config.set_option(o, k, v)
+    config.validate(o)
+    d = tmp_path / "install"
+    for rel in stack.STACK_FILES:
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(stack.COMPOSE_DIR / rel, d / rel)
+    secrets = {s.name: "%s-value" % s.name.lower() for s in stack.secrets(o)}
+    (d / ".env").write_text(stack.settings_env(o, FACTS) +
+                            "".join("%s=%s\n" % kv for kv in secrets.items()))
+    proc = subprocess.run(["docker", "compose", "config", "--format", "json"], cwd=str(d),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    assert set(cfg["services"]) == set(stack.services(o)), "deploy/stack.py reads the files " \
+                                                           "differently from compose"
+    return o, secrets, cfg
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    return render(tmp_path_factory.mktemp("full"))
+
+
+def test_only_the_proxy_publishes_ports(full):
+    o, _, cfg = full
+    for name, svc in cfg["services"].items():
+        if name != "proxy":
+            assert not svc.get("ports"), name
+    ports = {(p["target"], int(p["published"]), p["host_ip"]) for p in
+             cfg["services"]["proxy"]["ports"]}
+    assert ports == {(443, 443, "0.0.0.0"), (9000, 9000, "0.0.0.0"), (8443, 8443, "0.0.0.0")}
+
+
+def test_healthchecks_restart_policies_and_log_rotation(full):
+    _, _, cfg = full
+    one_shots = {"postgres-init", "airflow-init", "metaflow-migrate"}
+    for name, svc in cfg["services"].items():
+        assert svc["logging"] == {"driver": "json-file",
+                                  "options": {"max-size": "10m", "max-file": "5"}}, name
+        if name in one_shots:
+            assert svc["restart"] == "no", name
+            continue
+        assert svc["restart"] == "unless-stopped", name
+        hc = svc["healthcheck"]
+        assert not hc.get("disable") and hc["test"][0] in ("CMD", "CMD-SHELL"), name
+        assert hc["start_interval"] == "2s", name
+    tests = {n: " ".join(s["healthcheck"]["test"][1:]) for n, s in cfg["services"].items()
+             if n not in one_shots}
+    assert tests["postgres"] == "pg_isready -h 127.0.0.1 -U postgres -d postgres"
+    assert tests["airflow-scheduler"].endswith("http://127.0.0.1:8974/health")
+    assert tests["airflow-dag-processor"] == "metaflow-services doctor --job DagProcessorJob"
+    assert tests["airflow-triggerer"] == "metaflow-services doctor --job TriggererJob"
+    assert tests["metadata"].endswith("http://127.0.0.1:8080/healthcheck")
+    assert tests["metaflow-ui-backend"].endswith("http://127.0.0.1:8083/api/ping")
+    assert tests["seaweedfs"].endswith("http://127.0.0.1:8333/healthz")
+
+
+def test_postgres(full):
+    _, secrets, cfg = full
+    pg = cfg["services"]["postgres"]
+    assert "max_connections=200" in pg["command"]
+    assert pg["environment"]["PGDATA"] == "/var/lib/postgresql/data"
+    assert pg["environment"]["POSTGRES_PASSWORD"] == secrets["MFS_POSTGRES_PASSWORD"]
+    assert [(v["source"], v["target"]) for v in pg["volumes"]] == [
+        ("postgres-data", "/var/lib/postgresql/data")]
+    # Data volumes are external: `docker compose down -v` cannot delete them.
+    for key in ("postgres-data", "seaweedfs-data", "metaflow-local", "code-cache"):
+        assert cfg["volumes"][key]["external"] is True, key
+    assert cfg["volumes"]["postgres-data"]["name"] == "metaflow-services-postgres"
+    init = cfg["services"]["postgres-init"]
+    assert init["environment"]["AIRFLOW_DB_PASSWORD"] == secrets["MFS_AIRFLOW_DB_PASSWORD"]
+    assert init["environment"]["METAFLOW_DB_PASSWORD"] == secrets["MFS_METAFLOW_DB_PASSWORD"]
+    assert init["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_airflow_services_share_one_configuration(full):
+    o, secrets, cfg = full
+    airflow = [n for n in LONG_RUNNING_AIRFLOW if n != "airflow-log-cleanup"] + ["airflow-init"]
+    envs = [cfg["services"][n]["environment"] for n in airflow]
+    for key in ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET",
+                "AIRFLOW__API__SECRET_KEY", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                "AIRFLOW__CORE__EXECUTOR", "AIRFLOW__CORE__PARALLELISM"):
+        assert len({e[key] for e in envs}) == 1, key
+    env = envs[0]
+    assert env["AIRFLOW__CORE__FERNET_KEY"] == secrets["MFS_AIRFLOW_FERNET_KEY"]
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    assert env["AIRFLOW__CORE__PARALLELISM"] == "4"     # a 2-core, 4 GB VM
+    assert env["AIRFLOW__API__WORKERS"] == "1"
+    assert int(env["AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL"]) <= 30
+    assert env["AIRFLOW__API__BASE_URL"] == "https://mfs.example.com"
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == (
+        "postgresql+psycopg://airflow:%s@postgres:5432/airflow" % secrets["MFS_AIRFLOW_DB_PASSWORD"])
+    for name in LONG_RUNNING_AIRFLOW:
+        svc = cfg["services"][name]
+        assert svc["image"] == stack.images(o)["airflow"]
+        assert svc["user"] == "50000:0"
+        assert svc["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+    # The log cleaner deletes files: it gets no secrets.
+    assert set(cfg["services"]["airflow-log-cleanup"]["environment"]) == {"MFS_LOG_RETENTION_DAYS"}
+    assert cfg["services"]["airflow-init"]["build"]["context"].endswith("/airflow")
+    init_cmd = cfg["services"]["airflow-init"]["command"][0]
+    assert "airflow db migrate" in init_cmd and "airflow db check-migrations" in init_cmd
+
+
+def test_the_scheduler_runs_metaflow_steps_in_containers(full):
+    o, secrets, cfg = full
+    s = cfg["services"]["airflow-scheduler"]
+    env = s["environment"]
+    assert s["group_add"] == ["988"]
+    mounts = {v["target"]: v["source"] for v in s["volumes"]}
+    assert mounts["/var/run/docker.sock"] == "/var/run/docker.sock"
+    assert mounts["/opt/airflow/dags"] == "/srv/metaflow-services/dags"
+    assert mounts["/opt/airflow/flows"] == "/srv/metaflow-services/flows"
+    assert env["MFS_EXECUTOR"] == "docker"
+    assert env["MFS_STEP_IMAGE"] == stack.images(o)["step"]
+    assert env["MFS_DOCKER_NETWORK"] == cfg["networks"]["default"]["name"] == "metaflow-services"
+    assert env["MFS_DOCKER_USER"] == "50000:0"
+    assert env["METAFLOW_DEFAULT_DATASTORE"] == "s3"
+    assert env["METAFLOW_DATASTORE_SYSROOT_S3"] == "s3://metaflow/metaflow"
+    assert env["METAFLOW_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
+    assert env["AWS_ACCESS_KEY_ID"] == secrets["MFS_S3_ACCESS_KEY"]
+    # With the Metaflow services: runs record metadata in the metadata service.
+    assert env["METAFLOW_DEFAULT_METADATA"] == "service"
+    assert env["METAFLOW_SERVICE_URL"] == "http://metadata:8080"
+    assert env["MFS_METAFLOW_UI_URL"] == "https://mfs.example.com:8443"
+
+
+def test_metaflow_services(full):
+    _, secrets, cfg = full
+    svc = cfg["services"]
+    migrate = svc["metaflow-migrate"]
+    assert migrate["command"] == ["/opt/latest/bin/python3", "/root/run_goose.py", "--wait", "60"]
+    assert "--only-if-empty-db" not in migrate["command"]     # upgrades apply new migrations
+    for name in ("metaflow-migrate", "metadata", "metaflow-ui-backend"):
+        env = svc[name]["environment"]
+        assert env["MF_MIGRATION_ENDPOINTS_ENABLED"] == "0", name
+        assert env["MF_METADATA_DB_USER"] == "metaflow"
+        assert env["MF_METADATA_DB_PSWD"] == secrets["MFS_METAFLOW_DB_PASSWORD"]
+    for name in ("metadata", "metaflow-ui-backend"):
+        assert svc[name]["depends_on"]["metaflow-migrate"]["condition"] == \
+            "service_completed_successfully"
+    ui = svc["metaflow-ui-backend"]["environment"]
+    for key in ("CACHE_ARTIFACT_STORAGE_LIMIT", "CACHE_DAG_STORAGE_LIMIT", "CACHE_LOG_STORAGE_LIMIT"):
+        assert int(ui[key]) > 0, key
+    assert int(ui["CACHE_ARTIFACT_MAX_ACTIONS"]) <= 4
+    assert ui["PATH_PREFIX"] == "/api" and ui["UI_ENABLED"] == "0"
+    assert ui["METAFLOW_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
+    assert svc["metaflow-ui"]["environment"]["METAFLOW_SERVICE"] == "/api"
+    proxy = svc["proxy"]["environment"]
+    assert proxy["MFS_PROXY_METAFLOW_API_KEY"] == secrets["MFS_METAFLOW_API_KEY"]
+    assert proxy["MFS_PROXY_METAFLOW_UI_PASSWORD"] == secrets["MFS_METAFLOW_UI_PASSWORD"]
+    targets = {v["target"] for v in svc["proxy"]["volumes"]}
+    assert "/etc/mfs-proxy/sites/metaflow.conf.template" in targets
+
+
+def test_the_proxy_restarts_when_its_configuration_or_certificate_changes(full):
+    _, _, cfg = full
+    labels = cfg["services"]["proxy"]["labels"]
+    assert labels["org.metaflow-services.config"] == stack.proxy_config_sha()
+    assert labels["org.metaflow-services.tls"] == FACTS["tls_sha"]
+
+
+def test_without_metaflow_services_runs_share_a_metadata_volume(tmp_path):
+    o, _, cfg = render(tmp_path, metaflow_services="off")
+    assert not {"metadata", "metaflow-ui", "metaflow-ui-backend"} & set(cfg["services"])
+    s = cfg["services"]["airflow-scheduler"]
+    env = s["environment"]
+    assert env["METAFLOW_DEFAULT_METADATA"] == "local"
+    root = env["METAFLOW_DATASTORE_SYSROOT_LOCAL"]
+    mounts = {v["target"]: v["source"] for v in s["volumes"]}
+    assert mounts[root] == "metaflow-local"
+    # Step containers mount the same volume at the same path.
+    assert env["MFS_DOCKER_VOLUMES"] == "%s:%s" % (cfg["volumes"]["metaflow-local"]["name"], root)
+    ports = {p["target"] for p in cfg["services"]["proxy"]["ports"]}
+    assert ports == {443, 9000}
+
+
+def test_minio(tmp_path):
+    o, secrets, cfg = render(tmp_path, object_store="minio")
+    assert "seaweedfs" not in cfg["services"]
+    m = cfg["services"]["minio"]
+    assert m["environment"]["MINIO_ROOT_USER"] == secrets["MFS_S3_ACCESS_KEY"]
+    assert m["image"].startswith("minio/minio:RELEASE.")
+    assert cfg["services"]["airflow-scheduler"]["environment"]["METAFLOW_S3_ENDPOINT_URL"] == \
+        "http://minio:9000"
+    assert cfg["services"]["proxy"]["environment"]["MFS_PROXY_S3_UPSTREAM"] == "minio:9000"
+    o, _, cfg = render(tmp_path / "again", object_store="minio",
+                       **{"images.minio": "registry.example.com/minio:2026"})
+    assert cfg["services"]["minio"]["image"] == "registry.example.com/minio:2026"
+
+
+def test_every_image_is_pinned(full):
+    _, _, cfg = full
+    for name, svc in cfg["services"].items():
+        image = svc["image"]
+        assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), (name, image)
