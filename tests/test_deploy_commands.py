@@ -82,8 +82,15 @@ def test_apt_options():
 
 
 def test_compose_and_docker_commands():
-    assert cmd.up("/opt/mfs") == ("cd /opt/mfs && docker compose up -d --no-build --pull never "
-                                  "--remove-orphans")
+    assert cmd.up("/opt/mfs") == ("cd /opt/mfs && docker compose --ansi never --progress plain "
+                                  "up -d --no-build --pull never --remove-orphans")
+    assert cmd.docker_daemon_config() == (
+        "f=/etc/docker/daemon.json; if [ ! -e $f ]; then install -d -m 0755 /etc/docker && "
+        "printf '{\\n  \"live-restore\": true\\n}\\n' > $f && "
+        "{ pid=$(pidof dockerd || true); [ -z \"$pid\" ] || kill -HUP $pid; } && "
+        "echo 'written (live-restore)'; elif grep -Eq "
+        "'\"live-restore\"[[:space:]]*:[[:space:]]*true' $f; then echo 'live-restore on, "
+        "skipped'; else echo 'exists without live-restore, left as it is'; fi")
     assert cmd.ensure_volumes(["a-postgres"]) == (
         "docker volume inspect a-postgres >/dev/null 2>&1 && echo 'exists a-postgres' || "
         "{ docker volume create a-postgres >/dev/null && echo 'created a-postgres'; }")
