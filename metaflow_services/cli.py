@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import subprocess
 import sys
@@ -42,7 +41,7 @@ def cmd_compile(args):
     if not os.path.isfile(flow_file):
         print("metaflow-services: no such flow file: %s" % flow_file, file=sys.stderr)
         return EXIT_USAGE
-    err = syntax_error(flow_file) or user_error() or dependency_error(flow_file)
+    err = syntax_error(flow_file) or user_error()
     if err:
         print("metaflow-services: %s\nRefused: no DAG file written." % err, file=sys.stderr)
         return EXIT_REFUSED
@@ -60,7 +59,11 @@ def cmd_compile(args):
         cmd += ["--dag-id", args.dag_id]
     if args.json:
         cmd += ["--json"]
-    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(flow_file)))
+    # @pypi/@conda steps run in prebuilt images: let Metaflow's dependency
+    # decorators load without demanding --environment=conda (see
+    # metaflow_extensions/metaflow_services/toplevel/prebuilt_environments.py).
+    env = dict(os.environ, MFS_PREBUILT_ENVIRONMENTS="1")
+    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(flow_file)), env=env)
     if proc.returncode != 0:
         print("Refused: %s was not compiled; no DAG file written." % flow_file, file=sys.stderr)
         return EXIT_REFUSED
@@ -75,29 +78,6 @@ def user_error():
         return ("Metaflow needs a user name other than root to record runs. Set "
                 "METAFLOW_USER (for example METAFLOW_USER=airflow) and compile again.")
     return None
-
-
-def dependency_error(path):
-    """@pypi/@conda make Metaflow demand its conda environment before our
-    compiler runs; find them in the source to refuse with our own message."""
-    from .compiler import DEPENDENCY_DECORATORS, dependency_refusal
-
-    tree = ast.parse(open(path, "rb").read(), path)
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-        for deco in cls.decorator_list:
-            if _deco_name(deco) in DEPENDENCY_DECORATORS:
-                return dependency_refusal(cls.name, None, _deco_name(deco))
-        for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
-            for deco in fn.decorator_list:
-                if _deco_name(deco) in DEPENDENCY_DECORATORS:
-                    return dependency_refusal(cls.name, fn.name, _deco_name(deco))
-    return None
-
-
-def _deco_name(node):
-    if isinstance(node, ast.Call):
-        node = node.func
-    return getattr(node, "id", None) or getattr(node, "attr", None)
 
 
 def syntax_error(path):

@@ -43,7 +43,6 @@ _REFUSED_FLOW_DECORATORS = {
 # Dependency decorators: Metaflow builds these environments at run time with
 # micromamba and internet access; silently ignoring them would run the step
 # with the wrong packages.
-DEPENDENCY_DECORATORS = ("pypi", "pypi_base", "conda", "conda_base", "uv")
 
 # Parameter names Metaflow drops or mangles when passed through the
 # environment (METAFLOW_INIT_<NAME>), see metaflow-on-airflow.md.
@@ -89,16 +88,16 @@ def create_dag(obj, out, options: CompileOptions, as_json=False):
     }
     if as_json:
         print(json.dumps(summary))
-    obj.echo(
-        "DAG %s for flow %s written to %s."
-        % (spec["dag_id"], flow_name, os.path.abspath(path)),
-        bold=True,
-    )
+    say("DAG %s for flow %s written to %s" % (spec["dag_id"], flow_name, os.path.abspath(path)))
     if spec["schedule"]:
-        obj.echo("Schedule: %s (%s)" % (spec["schedule"]["cron"],
-                                        spec["schedule"]["timezone"] or "UTC"))
-    obj.echo("Copy it into the Airflow dags folder (if it is not there already); "
-             "trigger it from the Airflow UI or REST API.")
+        say("Schedule: %s (%s)" % (spec["schedule"]["cron"], spec["schedule"]["timezone"] or "UTC"))
+    else:
+        say("No @schedule: trigger runs from the Airflow UI or its REST API.")
+    envs = {json.dumps(s["environment"], sort_keys=True) for s in spec["steps"].values()
+            if s.get("environment")}
+    if envs:
+        say("%d step environment(s) from @pypi/@conda/requirements.txt: each is built into "
+            "an image on the worker the first time a step needs it." % len(envs))
     return summary
 
 
@@ -124,9 +123,12 @@ def build_spec(obj, options: CompileOptions) -> dict:
     flow_name = flow.name
     _refuse_flow_decorators(flow_name, flow)
 
+    requirements = read_requirements(flow_name, os.path.dirname(os.path.abspath(sys.argv[0])))
     steps = {}
     for name in _topological(graph):
         steps[name] = _step_spec(flow_name, graph, graph[name], options)
+        steps[name]["environment"] = _environment(
+            flow_name, graph[name], {d.name: d for d in graph[name].decorators}, requirements)
     # Foreach bodies are mapped over the outermost foreach only (Airflow cannot
     # nest mapping); every step records which mapped group it belongs to.
     for name, s in steps.items():
@@ -192,9 +194,11 @@ def _step_spec(flow_name, graph, node, options):
                 "@resources(cpu=..., memory=...) instead."
                 % (flow_name, node.name, deco_name, what, deco_name)
             )
-    for deco_name in DEPENDENCY_DECORATORS:
-        if deco_name in decos:
-            raise CompileError(dependency_refusal(flow_name, node.name, deco_name))
+    if "uv" in decos:
+        raise CompileError(
+            "Flow %s, step %s: @uv is not supported: use @pypi (or @pypi_base) with the "
+            "same packages; each distinct environment is built into an image."
+            % (flow_name, node.name))
 
     user_retries, error_retries = 0, 0
     for d in node.decorators:
@@ -273,18 +277,74 @@ def _refuse_flow_decorators(flow_name, flow):
                 "@schedule, the Airflow UI, or the REST API)."
                 % (flow_name, deco_name, what, deco_name)
             )
-    for deco_name in DEPENDENCY_DECORATORS:
-        if decos.get(deco_name):
-            raise CompileError(dependency_refusal(flow_name, None, deco_name))
 
 
-def dependency_refusal(flow_name, step_name, deco_name):
-    where = "Flow %s" % flow_name + (", step %s" % step_name if step_name else "")
-    return (
-        "%s: @%s is not supported yet: Metaflow would build its environment at run "
-        "time, which needs internet access on the worker. Install the packages into the "
-        "step image instead (`airflow3 create --image IMAGE`)." % (where, deco_name)
-    )
+# --------------------------------------------------------------------------
+# Step environments (@pypi, @pypi_base, @conda, @conda_base, requirements.txt)
+# --------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def read_requirements(flow_name, flow_dir):
+    """requirements.txt next to the flow: the base layer of every step's
+    environment ({normalized name: requirement line})."""
+    path = os.path.join(flow_dir, "requirements.txt")
+    if not os.path.isfile(path):
+        return {}
+    out = {}
+    with open(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            m = _NAME_RE.match(line)
+            if line.startswith("-") or not m:
+                raise CompileError(
+                    "Flow %s: requirements.txt line %d (%r) is not a plain requirement; "
+                    "pip options are not supported there (set the package index with "
+                    "MFS_PIP_INDEX_URL on the worker)." % (flow_name, lineno, raw.strip()))
+            out[_normalize(m.group(1))] = line
+    return out
+
+
+def _normalize(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pip_requirement(name, version):
+    """@pypi/@conda `packages={name: version}` as a pip requirement."""
+    version = str(version or "").strip()
+    if not version:
+        return name
+    if version[0] in "<>=!~":
+        return name + version
+    return "%s==%s" % (name, version)
+
+
+def _environment(flow_name, node, decos, requirements):
+    """The packages (pip requirement lines) and Python version a step needs.
+    Precedence, per package name: the step's @pypi/@conda, then the flow's
+    @pypi_base/@conda_base (Metaflow merges those two into the step's
+    decorator), then requirements.txt next to the flow."""
+    packages = dict(requirements)
+    python = None
+    sources = ["requirements.txt"] if requirements else []
+    deco = decos.get("pypi") or decos.get("conda")
+    if deco is not None and not deco.attributes.get("disabled"):
+        if "pypi" in decos and "conda" in decos:
+            raise CompileError(
+                "Flow %s, step %s: the step has both @pypi and @conda; use one of them."
+                % (flow_name, node.name))
+        for name, version in (deco.attributes.get("packages") or {}).items():
+            packages[_normalize(name)] = pip_requirement(name, version)
+        if hasattr(deco, "is_attribute_user_defined") and deco.is_attribute_user_defined("python"):
+            python = str(deco.attributes.get("python") or "") or None
+        sources.append("@" + deco.name)
+    if not packages and not python:
+        return None
+    return {"packages": sorted(packages.values(), key=str.lower), "python": python,
+            "source": " + ".join(sources)}
 
 
 def _user(flow_name):

@@ -39,6 +39,12 @@ class Settings:
     group_parallelism: int = 4
     timeout_grace_seconds: int = 60
     ui_url: str | None = None
+    pip_index_url: str | None = None
+    pip_extra_index_url: str | None = None
+    pip_trusted_host: str | None = None
+    pip_cert: str | None = None
+    lock_dir: str = "/tmp/metaflow-services-locks"
+    state_dir: str = "/tmp/metaflow-services-state"
 
     @classmethod
     def from_env(cls, environ=None) -> "Settings":
@@ -66,6 +72,12 @@ class Settings:
             group_parallelism=_int(env, "MFS_GROUP_PARALLELISM", 4, minimum=1),
             timeout_grace_seconds=_int(env, "MFS_TIMEOUT_GRACE_SECONDS", 60, minimum=5),
             ui_url=(env.get("MFS_METAFLOW_UI_URL") or "").rstrip("/") or None,
+            pip_index_url=env.get("MFS_PIP_INDEX_URL") or None,
+            pip_extra_index_url=env.get("MFS_PIP_EXTRA_INDEX_URL") or None,
+            pip_trusted_host=env.get("MFS_PIP_TRUSTED_HOST") or None,
+            pip_cert=env.get("MFS_PIP_CERT") or None,
+            lock_dir=env.get("MFS_LOCK_DIR") or "/tmp/metaflow-services-locks",
+            state_dir=env.get("MFS_STATE_DIR") or "/tmp/metaflow-services-state",
         )
 
 

@@ -157,6 +157,7 @@ class StepRun:
         self.log = operator.log
         self.executor = None
         self._killed = threading.Event()
+        self._image_lock = threading.Lock()
 
     # -- entry point --------------------------------------------------------
 
@@ -266,6 +267,7 @@ class StepRun:
             return list(pool.map(self._run_one, planned))
 
     def _run_one(self, planned):
+        self._step_image()  # build the environment image once, before any task
         outcome = self._run_iteration(planned)
         # A recursive step (a switch that can choose itself) loops here: each
         # iteration is a new Metaflow task whose input is the previous one.
@@ -302,6 +304,42 @@ class StepRun:
 
             raise AirflowFailException(str(e))
         return TaskOutcome(planned, code, result)
+
+    def _base_image(self):
+        return self.s.get("image") or self.spec.get("image") or self.settings.step_image
+
+    def _step_image(self):
+        """The image this step runs in: the base image, or for a step with an
+        environment (@pypi, @conda, requirements.txt) the image built for it."""
+        if getattr(self, "_image", None):
+            return self._image
+        from airflow.sdk.exceptions import AirflowFailException
+
+        env = self.s.get("environment")
+        base = self._base_image()
+        if not env or self.settings.executor != "docker":
+            if env:
+                raise AirflowFailException(
+                    "Step %s needs the packages %s (%s), which run in an environment image: "
+                    "that needs MFS_EXECUTOR=docker on the Airflow worker (it is %s)."
+                    % (self.step, ", ".join(env["packages"]), env["source"],
+                       self.settings.executor))
+            self._image = base
+            return base
+        if not base:
+            raise AirflowFailException(
+                "Step %s needs an environment image but no base image is set: set "
+                "MFS_STEP_IMAGE on the Airflow worker or compile with --image." % self.step)
+        from .images import EnvironmentBuildError, ensure_environment_image
+
+        with self._image_lock:
+            if not getattr(self, "_image", None):
+                try:
+                    self._image = ensure_environment_image(
+                        self.executor.client, base, env, self.settings, self.log)
+                except EnvironmentBuildError as e:
+                    raise StepFailed(str(e))
+        return self._image
 
     def _launch(self, planned, pathspec):
         spec, s = self.spec, self.s
@@ -347,7 +385,7 @@ class StepRun:
             # @catch and for persisting artifacts on a busy machine.
             deadline = s["timeout_seconds"] + self.settings.timeout_grace_seconds
 
-        image = s.get("image") or spec.get("image") or self.settings.step_image
+        image = self._step_image()
         task = {
             "package": {"url": url, "sha": pkg["sha"], "post_extract_env": pkg["post_extract_env"]},
             "cache_dir": self.settings.code_cache_dir,
@@ -372,9 +410,12 @@ class StepRun:
             "MFS_AIRFLOW_MAP_INDEX": str(self.ti.map_index),
             "MFS_AIRFLOW_TRY_NUMBER": str(self.ti.try_number),
             "MFS_EXECUTOR": self.settings.executor,
+            # @pypi/@conda steps already run inside their environment's image.
+            "MFS_PREBUILT_ENVIRONMENTS": "1",
         })
         if self.settings.executor == "docker" and image:
             env["MFS_IMAGE"] = image
+            env["MFS_BASE_IMAGE"] = self._base_image()
         if spec["config_value"]:
             env["METAFLOW_FLOW_CONFIG_VALUE"] = spec["config_value"]
         return Launch(

@@ -24,7 +24,8 @@ Spec, version 1 (all keys always present)::
     steps             {name: {type, next, in, foreach_stack, foreach_param,
                        recursive, doc, max_user_code_retries, retries,
                        retry_delay_seconds, timeout_seconds, env, resources,
-                       image, decorators, group}}
+                       image, decorators, group, environment: None |
+                       {packages: [pip requirement], python, source}}}
     package           {sha, url, path, datastore, metadata, post_extract_env}
 
 In the file, step entries leave out keys that have their default value
@@ -59,6 +60,7 @@ STEP_DEFAULTS = {
     "image": None,
     "decorators": [],
     "group": None,
+    "environment": None,
 }
 
 

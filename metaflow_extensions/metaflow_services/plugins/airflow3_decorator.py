@@ -24,7 +24,23 @@ _AIRFLOW_FIELDS = {
     "MFS_AIRFLOW_TRY_NUMBER": "airflow-try-number",
     "MFS_EXECUTOR": "mfs-executor",
     "MFS_IMAGE": "mfs-image",
+    "MFS_BASE_IMAGE": "mfs-base-image",
 }
+# Written into environment images (metaflow_services/images.py): the packages
+# pip actually installed, so a later reader can tell exactly what ran.
+_RESOLVED_ENVIRONMENT = "/etc/metaflow-services/environment.json"
+
+
+def _resolved_environment():
+    """{package: version} installed in this step's environment image, as JSON."""
+    if not os.environ.get("MFS_BASE_IMAGE") or not os.path.exists(_RESOLVED_ENVIRONMENT):
+        return None
+    try:
+        with open(_RESOLVED_ENVIRONMENT) as f:
+            packages = json.load(f)
+        return json.dumps({p["name"]: p["version"] for p in packages}, sort_keys=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class Airflow3InternalDecorator(StepDecorator):
@@ -54,6 +70,11 @@ class Airflow3InternalDecorator(StepDecorator):
             for var, field in _AIRFLOW_FIELDS.items()
             if os.environ.get(var)
         ]
+        resolved = _resolved_environment()
+        if resolved:
+            entries.append(MetaDatum(field="mfs-environment", value=resolved,
+                                     type="mfs-environment",
+                                     tags=["attempt_id:%d" % retry_count]))
         if entries:
             metadata.register_metadata(run_id, step_name, task_id, entries)
 
