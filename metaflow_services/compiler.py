@@ -194,11 +194,6 @@ def _step_spec(flow_name, graph, node, options):
                 "@resources(cpu=..., memory=...) instead."
                 % (flow_name, node.name, deco_name, what, deco_name)
             )
-    if "uv" in decos:
-        raise CompileError(
-            "Flow %s, step %s: @uv is not supported: use @pypi (or @pypi_base) with the "
-            "same packages; each distinct environment is built into an image."
-            % (flow_name, node.name))
 
     user_retries, error_retries = 0, 0
     for d in node.decorators:

@@ -80,3 +80,21 @@ def compile_flow(flow_file, out_dir, env=None, extra_args=(), check=True):
     if check and proc.returncode != 0:
         raise AssertionError("compile of %s failed:\n%s\n%s" % (flow_file, proc.stdout, proc.stderr))
     return proc
+
+
+# Settings of the shared Airflow (see airflow()).
+MAX_MAP_LENGTH = 8  # small, so a 20-way foreach exceeds it
+UI_URL = "http://metaflow-ui.example.test"
+GRACE = 30  # MFS_TIMEOUT_GRACE_SECONDS: the hard deadline is @timeout + GRACE
+
+
+@pytest.fixture(scope="session")
+def airflow(postgres, seaweedfs):
+    """One real Airflow 3.3 (api-server, LocalExecutor scheduler,
+    dag-processor) for all end-to-end tests; modules restart its scheduler
+    with the worker settings they need (harness.Airflow.start_scheduler)."""
+    env = dict(METAFLOW_ENV, MFS_METAFLOW_UI_URL=UI_URL, MFS_TIMEOUT_GRACE_SECONDS=str(GRACE))
+    af = harness.Airflow(BASE, postgres, env, max_map_length=MAX_MAP_LENGTH)
+    af.start({"MFS_EXECUTOR": "subprocess"})
+    yield af
+    af.stop()

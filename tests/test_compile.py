@@ -257,19 +257,42 @@ def test_refuses_event_triggers(tmp_path, seaweedfs, deco, what):
             "the REST API)." % (name, what, name)) in msg
 
 
-@pytest.mark.parametrize("imp,where", [("pypi", "step"), ("conda", "step"),
-                                       ("pypi_base", "flow")])
-def test_refuses_dependency_decorators_for_now(tmp_path, seaweedfs, imp, where):
-    if where == "step":
-        body = bad_flow(imp=imp, step_deco="@%s(packages={'six': '1.16.0'})" % imp)
-        prefix = "Flow BadFlow, step start: @%s" % imp
-    else:
-        body = bad_flow(imp=imp, flow_deco="@%s(packages={'six': '1.16.0'})" % imp)
-        prefix = "Flow BadFlow: @%s" % imp
-    msg = refused(tmp_path, body)
-    assert (prefix.replace("Flow BadFlow", "metaflow-services: Flow BadFlow") + " is not supported yet: Metaflow would build its environment at run "
-            "time, which needs internet access on the worker. Install the packages into the "
-            "step image instead (`airflow3 create --image IMAGE`).") in msg
+def test_step_environments_merge_step_flow_and_requirements(tmp_path, seaweedfs):
+    out = tmp_path / "dags"
+    compile_flow(FLOWS / "pinned" / "pinned_flow.py", out)
+    steps = load_spec(out / "PinnedFlow.py")["steps"]
+    # requirements.txt < @pypi_base < @pypi, per package name
+    assert steps["start"]["environment"]["packages"] == ["six==1.16.0", "toolz==0.12.1"]
+    assert steps["each"]["environment"]["packages"] == ["six==1.15.0", "toolz==0.12.0"]
+    assert steps["each"]["environment"]["source"] == "requirements.txt + @pypi"
+    assert steps["end"]["environment"] == steps["start"]["environment"]
+
+
+def test_conda_packages_become_pip_requirements(tmp_path, seaweedfs):
+    flow = write_flow(tmp_path, bad_flow(
+        imp="conda", name="CondaFlow",
+        step_deco="@conda(packages={'six': '>=1.15', 'toolz': ''}, python='3.11')"))
+    compile_flow(flow, tmp_path / "dags")
+    env = load_spec(tmp_path / "dags" / "CondaFlow.py")["steps"]["start"]["environment"]
+    assert env == {"packages": ["six>=1.15", "toolz"], "python": "3.11", "source": "@conda"}
+
+
+def test_environment_image_tag_depends_on_base_and_packages():
+    from metaflow_services.images import environment_tag
+
+    env = {"packages": ["six==1.16.0"], "python": None}
+    tag = environment_tag("step:1", env)
+    assert tag.startswith("metaflow-services/env:") and tag == environment_tag("step:1", dict(env))
+    assert tag != environment_tag("step:2", env)
+    assert tag != environment_tag("step:1", {"packages": ["six==1.15.0"], "python": None})
+
+
+def test_refuses_requirements_with_pip_options(tmp_path, seaweedfs):
+    (tmp_path / "requirements.txt").write_text("six==1.16.0\n--index-url http://x/simple\n")
+    msg = refused(tmp_path, bad_flow())
+    assert ("Flow BadFlow: requirements.txt line 2 ('--index-url http://x/simple') is not a "
+            "plain requirement; pip options are not supported there (set the package index "
+            "with MFS_PIP_INDEX_URL on the worker).") in msg
 
 
 def test_refuses_required_parameter_without_default_on_a_schedule(tmp_path, seaweedfs):

@@ -18,19 +18,17 @@ from dataclasses import dataclass, field
 import pytest
 
 import harness
-from conftest import (BASE, FLOWS, METAFLOW_ENV, MFLOCAL, TEST_USER, compile_flow,
-                      docker_available)
+from conftest import (BASE, FLOWS, GRACE, MAX_MAP_LENGTH, MFLOCAL, TEST_USER, UI_URL,
+                      compile_flow, docker_available)
 
 pytestmark = pytest.mark.e2e
 
-MAX_MAP_LENGTH = 8  # small, so a 20-way foreach exceeds it
 STEP_IMAGE = os.environ.get("MFS_TEST_STEP_IMAGE", "mfs-step:test")
 
 FLOW_FILES = ["linear_flow.py", "branches_flow.py", "foreach_flow.py", "nested_foreach_flow.py",
               "switch_flow.py", "retry_catch_flow.py", "config_project_flow.py",
               "single_step_flow.py", "custom_names_flow.py", "stubborn_flow.py",
               "sleepy_flow.py"]
-UI_URL = "http://metaflow-ui.example.test"
 PROJECT_DAG = "mfs_test.user.%s.ConfigProjectFlow" % TEST_USER
 
 # key -> (dag id, params given in the trigger request)
@@ -52,7 +50,6 @@ RUNS = {
     "custom_names": ("CustomNamesFlow", {}),
     "stubborn": ("StubbornFlow", {}),
 }
-GRACE = 30  # MFS_TIMEOUT_GRACE_SECONDS: the hard deadline is @timeout + GRACE
 
 
 @dataclass
@@ -76,22 +73,17 @@ class Batch:
         return self.api.task_instances(RUNS[key][0], self.runs[key])
 
 
-@pytest.fixture(scope="session")
-def airflow(postgres, seaweedfs):
-    env = dict(METAFLOW_ENV, MFS_METAFLOW_UI_URL=UI_URL, MFS_TIMEOUT_GRACE_SECONDS=str(GRACE))
-    af = harness.Airflow(BASE, postgres, env, max_map_length=MAX_MAP_LENGTH)
-    af.start({"MFS_EXECUTOR": "subprocess"})
-    api = af.api()
+@pytest.fixture(scope="module")
+def dags(airflow):
+    api = airflow.api()
     for f in FLOW_FILES:
-        compile_flow(FLOWS / f, af.dags)
+        compile_flow(FLOWS / f, airflow.dags)
     for dag_id in sorted({d for d, _ in RUNS.values()} | {"SleepyFlow"}):
         api.wait_for_dag(dag_id)
-    yield af
-    af.stop()
 
 
 @pytest.fixture(scope="module", params=["docker", "subprocess"])
-def batch(request, airflow):
+def batch(request, airflow, dags):
     executor = request.param
     if executor == "docker" and not docker_available():
         pytest.fail("the docker executor tests need a Docker engine (scripts/host-setup starts one)")

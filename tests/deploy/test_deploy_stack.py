@@ -223,6 +223,41 @@ def test_a_changed_option_restarts_only_what_it_affects(deployed, lab):
     assert {s for s in LONG_RUNNING if again[s]["id"] != after[s]["id"]} == {"airflow-log-cleanup"}
 
 
+def test_your_own_certificate_restarts_only_the_proxy(deployed, lab, tmp_path):
+    import requests
+
+    # A CA of "your company" and a certificate it signed for the VM's address.
+    def ossl(*args):
+        subprocess.run(["openssl", *args], cwd=str(tmp_path), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "2", "-subj", "/CN=Test CA", "-keyout", "ca.key", "-out", "ca.pem")
+    ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-subj", "/CN=%s" % VM_IP, "-keyout", "vm.key", "-out", "vm.csr")
+    (tmp_path / "ext").write_text("subjectAltName=IP:%s\n" % VM_IP)
+    ossl("x509", "-req", "-in", "vm.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+         "-CAcreateserial", "-days", "2", "-extfile", "ext", "-out", "vm.pem")
+    before = lab.containers()
+    res = lab.deploy("--set", "tls.cert=%s" % (tmp_path / "vm.pem"),
+                     "--set", "tls.key=%s" % (tmp_path / "vm.key"), "--smoke-test", "never")
+    assert res.returncode == 0, str(res)
+    after = lab.containers()
+    assert {s for s in LONG_RUNNING if after[s]["id"] != before[s]["id"]} == {"proxy"}
+    ok = requests.get("https://%s/api/v2/monitor/health" % VM_IP, timeout=30,
+                      verify=str(tmp_path / "ca.pem"))
+    assert ok.status_code == 200
+    key_on_vm = lab.sh("cat %s/tls/key.pem" % INSTALL_DIR)
+    assert key_on_vm == (tmp_path / "vm.key").read_text()
+    assert lab.sh("stat -c '%%a' %s/tls/key.pem" % INSTALL_DIR).strip() == "600"
+    assert (tmp_path / "vm.key").read_text().strip().splitlines()[1] not in res.output
+    # Back to a self-signed certificate (made anew), again only the proxy restarts.
+    res = lab.deploy("--smoke-test", "never")
+    assert res.returncode == 0, str(res)
+    assert "self-signed for %s: generated (self-signed)" % VM_IP in res.output
+    again = lab.containers()
+    assert {s for s in LONG_RUNNING if again[s]["id"] != after[s]["id"]} == {"proxy"}
+
+
 def test_two_deploys_never_overlap(deployed, lab):
     lab.sh("mkdir /run/lock/metaflow-services.deploy.lock && echo 'fab deploy by ana@laptop "
            "(pid 7) since 2026-01-01 10:00:00' > /run/lock/metaflow-services.deploy.lock/holder")
@@ -327,6 +362,11 @@ def test_stop_and_start(deployed, lab):
 
 
 def test_destroy_keeps_the_data_and_a_deploy_brings_it_back(deployed, lab):
+    # It asks first: without the host name typed in, nothing is removed.
+    res = lab.fab("destroy")
+    assert res.returncode == 1 and "Type the host name (%s) to confirm" % VM_IP in res.output
+    assert "not confirmed; nothing was removed" in res.output
+    assert len(lab.containers()) == 10
     res = lab.fab("destroy", "--yes")
     assert res.returncode == 0, str(res)
     assert lab.containers() == {}
