@@ -32,6 +32,21 @@ def main(argv=None):
 
     _add_doctor_parser(sub)
 
+    i = sub.add_parser("images", help="List the step environment images on this host.",
+                       description="Images built for @pypi/@conda/requirements.txt step "
+                                   "environments, with size and last use. Run it where the "
+                                   "Airflow worker runs (the scheduler container).")
+    i.add_argument("--json", action="store_true", help="Print JSON.")
+    i.set_defaults(func=cmd_images)
+
+    p = sub.add_parser("prune-images", help="Remove environment images no DAG uses.",
+                       description="Remove step environment images that no DAG file in "
+                                   "DAGS_FOLDER would use with this worker's settings.")
+    p.add_argument("--dags-folder", default=os.environ.get("AIRFLOW__CORE__DAGS_FOLDER")
+                   or os.environ.get("MFS_DAGS_FOLDER") or "dags")
+    p.add_argument("--dry-run", action="store_true", help="Only say what would be removed.")
+    p.set_defaults(func=cmd_prune_images)
+
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -67,6 +82,73 @@ def cmd_compile(args):
     if proc.returncode != 0:
         print("Refused: %s was not compiled; no DAG file written." % flow_file, file=sys.stderr)
         return EXIT_REFUSED
+    return EXIT_OK
+
+
+def _docker_and_settings():
+    import docker
+
+    from .config import Settings
+
+    return docker.from_env(), Settings.from_env()
+
+
+def cmd_images(args):
+    import datetime
+    import json
+
+    from .images import list_environment_images
+
+    client, settings = _docker_and_settings()
+    rows = list_environment_images(client, settings)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    if not rows:
+        print("No step environment images on this host.")
+        return EXIT_OK
+    print("%-42s %9s  %-19s  %s" % ("IMAGE", "SIZE", "CREATED", "LAST USED"))
+    for r in rows:
+        used = (datetime.datetime.fromtimestamp(r["last_used"]).strftime("%Y-%m-%d %H:%M")
+                if r["last_used"] else "never")
+        print("%-42s %7.0fMB  %-19s  %s" % (r["tag"], (r["size_bytes"] or 0) / 1e6,
+                                          (r["created"] or "")[:19].replace("T", " "), used))
+    return EXIT_OK
+
+
+def cmd_prune_images(args):
+    import ast
+    import glob
+
+    from .images import list_environment_images, referenced_tags
+    from .spec import normalize
+
+    specs = []
+    for path in glob.glob(os.path.join(args.dags_folder, "**", "*.py"), recursive=True):
+        try:
+            tree = ast.parse(open(path).read())
+        except (OSError, SyntaxError):
+            continue
+        for node in tree.body:
+            if (isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "SPEC"):
+                try:
+                    specs.append(normalize(ast.literal_eval(node.value)))
+                except (ValueError, KeyError, TypeError):
+                    pass
+    client, settings = _docker_and_settings()
+    keep = referenced_tags(specs, settings)
+    removed = 0
+    for row in list_environment_images(client, settings):
+        if row["tag"] in keep:
+            continue
+        print("%s %s (%.0f MB)" % ("would remove" if args.dry_run else "removing", row["tag"],
+                                   (row["size_bytes"] or 0) / 1e6))
+        if not args.dry_run:
+            client.images.remove(row["tag"])
+        removed += 1
+    print("%d image(s) %s; %d in use by the %d DAG(s) in %s." % (
+        removed, "to remove" if args.dry_run else "removed", len(keep), len(specs),
+        args.dags_folder))
     return EXIT_OK
 
 

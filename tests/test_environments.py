@@ -120,3 +120,28 @@ def test_bad_pin_fails_with_pips_message_and_keeps_no_image(env_runs):
     out = subprocess.run(["docker", "image", "inspect", env_runs["bad_tag"]],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert out.returncode != 0
+
+
+def test_images_lists_them_and_prune_keeps_those_in_use(env_runs, airflow):
+    env = dict(os.environ, MFS_STEP_IMAGE="mfs-step:test", MFS_STATE_DIR=str(BASE / "state"))
+    out = subprocess.run([str(harness.VENV_BIN / "metaflow-services"), "images", "--json"],
+                         env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
+    listed = {r["tag"]: r for r in json.loads(out)}
+    for tag in env_runs["tags"]:
+        assert listed[tag]["last_used"] and listed[tag]["size_bytes"] > 0
+    # An image no DAG uses any more is pruned; the ones in use are kept.
+    import io
+
+    import docker
+
+    client = docker.from_env()
+    unused = "metaflow-services/env:unused0000000000"
+    client.images.build(fileobj=io.BytesIO(
+        b"FROM mfs-step:test\nLABEL metaflow-services.environment=unused\n"), tag=unused)
+    out = subprocess.run([str(harness.VENV_BIN / "metaflow-services"), "prune-images",
+                          "--dags-folder", str(airflow.dags)],
+                         env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
+    assert "removing %s" % unused in out
+    assert not any(tag in out for tag in env_runs["tags"])
+    remaining = {t for img in client.images.list(name="metaflow-services/env") for t in img.tags}
+    assert unused not in remaining and env_runs["tags"] <= remaining
