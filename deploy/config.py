@@ -405,6 +405,33 @@ def _is_ip(value):
         return False
 
 
+def from_description(flat: dict) -> Options:
+    """The Options that describe() wrote (the record of a deploy on the VM);
+    keys unknown to this version are ignored."""
+    nested = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        d = nested
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = value
+    o = Options()
+    _apply_known(o, nested)
+    return o
+
+
+def _apply_known(obj, data):
+    fields = _fields(obj)
+    for name, value in data.items():
+        if name not in fields:
+            continue
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            _apply_known(current, value)
+        elif not dataclasses.is_dataclass(current):
+            setattr(obj, name, value)
+
+
 def describe(o: Options):
     """The options as a flat {key.path: value} mapping (for `fab deploy
     --dry-run` and the deploy record on the VM). Holds no secrets."""

@@ -556,7 +556,8 @@ class Deployment:
                  "metaflow_services": o.metaflow_services, "object_store": o.object_store,
                  "bucket": o.bucket, "project": o.project, "data_dir": o.data_dir,
                  "airflow_users": o.airflow.users, "metaflow_ui_user": o.metaflow_ui.user,
-                 "self_signed": not o.tls.cert, "images": stack.images(o)}
+                 "self_signed": not o.tls.cert, "images": stack.images(o),
+                 "options": config_mod.describe(o)}
         self.r.run(cmd.write_file(self.dir + "/state/deploy.json",
                                   json.dumps(state, indent=2, sort_keys=True) + "\n", "0644"),
                    what="recording the deploy")
@@ -646,12 +647,18 @@ def _connect(c, task_name, verbose, config=None, flags=None):
 
 
 def _state(d):
+    """The record of the last deploy; from here on the deployment uses the
+    options it was deployed with (not this workstation's options file, which
+    only says where to look: install_dir)."""
     text = d.r.stdout(cmd.read_file(d.dir + "/state/deploy.json"), what="reading the deploy record")
     if not text.strip():
         raise DeployError("no deployment found in %s on %s" % (d.dir, d.r.host),
                           "deploy first: fab -H %s deploy (or give --config with its install_dir)"
                           % d.r.host)
-    return json.loads(text)
+    st = json.loads(text)
+    if st.get("options"):
+        d.o = config_mod.from_description(st["options"])
+    return st
 
 
 # ---------------------------------------------------------------------------
@@ -693,6 +700,7 @@ def status(c, config=None, verbose=False):
     out, o, r, d = _connect(c, "status", verbose, config)
     d.whoami()
     st = _state(d)
+    o = d.o
     out.step("services on %s (deployed %s by %s)" % (r.host, st["deployed_at"], st["by"]))
     containers = cmd.parse_containers(r.stdout(cmd.project_containers(o.project),
                                                what="listing containers"))
@@ -769,6 +777,11 @@ def destroy(c, volumes=False, yes=False, config=None, verbose=False):
     """Remove the stack from the VM; data is kept unless --volumes."""
     out, o, r, d = _connect(c, "destroy", verbose, config)
     d.whoami()
+    try:
+        _state(d)
+        o = d.o
+    except DeployError:
+        pass  # no record (a failed first deploy): the options given here say what to remove
     what = ("the stack's containers and network on %s, and ALL ITS DATA: volumes %s, %s "
             "(secrets included) and %s" % (r.host, ", ".join(d.volumes()), d.dir, o.data_dir)
             if volumes else

@@ -86,3 +86,15 @@ def test_mistakes_in_flags_are_refused(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(config.ConfigError, match="no such options file"):
         config.load(tmp_path / "nope.yaml", host="h")
+
+
+def test_the_record_of_a_deploy_gives_back_its_options(tmp_path):
+    """`fab status/start/stop/destroy` use the options the VM was deployed with."""
+    import json
+
+    o = load_text(tmp_path, "object_store: minio\nmetaflow_services: false\nairflow:\n"
+                            "  users: {admin: admin, ana: op}\n  parallelism: 6\n")
+    recorded = json.loads(json.dumps(config.describe(o)))
+    assert config.from_description(recorded) == o
+    recorded["an_option_of_a_newer_version"] = 1
+    assert config.from_description(recorded) == o
