@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ IMAGE_REPO = "metaflow-services/env"
 LABEL = "metaflow-services.environment"
 SPEC_PATH = "/etc/metaflow-services/environment-spec.json"
 RESOLVED_PATH = "/etc/metaflow-services/environment.json"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class EnvironmentBuildError(Exception):
@@ -122,12 +126,12 @@ def ensure_environment_image(client, base_image, environment, settings: Settings
             for chunk in client.api.build(fileobj=_context(base_image, environment, settings),
                                           custom_context=True, tag=tag, rm=True, forcerm=True,
                                           pull=False, decode=True):
-                line = (chunk.get("stream") or "").rstrip()
+                line = _ANSI.sub("", chunk.get("stream") or "").rstrip()
                 if line:
                     output.append(line)
                     log.info("[build %s] %s", tag.split(":")[1], line)
                 if "error" in chunk:
-                    error = chunk["error"]
+                    error = _ANSI.sub("", chunk["error"]).strip()
         except docker.errors.APIError as e:
             error = str(e)
         if error or not _exists(client, tag):

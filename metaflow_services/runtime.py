@@ -338,6 +338,7 @@ class StepRun:
                     self._image = ensure_environment_image(
                         self.executor.client, base, env, self.settings, self.log)
                 except EnvironmentBuildError as e:
+                    self.log.error("%s", e)  # in the task log as plain text, not only the traceback
                     raise StepFailed(str(e))
         return self._image
 

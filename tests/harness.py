@@ -405,5 +405,13 @@ class AirflowAPI:
         r.raise_for_status()
         content = r.json().get("content")
         if isinstance(content, list):
-            return "\n".join(c.get("event", "") if isinstance(c, dict) else str(c) for c in content)
+            lines = []
+            for c in content:
+                if not isinstance(c, dict):
+                    lines.append(str(c))
+                    continue
+                lines.append(c.get("event", ""))
+                for err in c.get("error_detail") or ():  # a failure's exception text
+                    lines.append("%s: %s" % (err.get("exc_type"), err.get("exc_value")))
+            return "\n".join(lines)
         return str(content)
