@@ -32,6 +32,10 @@ def main(argv=None):
 
     _add_doctor_parser(sub)
 
+    from .watcher import add_parser as add_watch_parser
+
+    add_watch_parser(sub)
+
     i = sub.add_parser("images", help="List the step environment images on this host.",
                        description="Images built for @pypi/@conda/requirements.txt step "
                                    "environments, with size and last use. Run it where the "
