@@ -63,6 +63,7 @@ class Watcher:
     compile_args: list = field(default_factory=list)
     state: dict = field(default_factory=dict)   # rel path -> FlowState
     _pending: dict = field(default_factory=dict)  # rel path -> (digest, first seen unchanged at)
+    _is_flow: dict = field(default_factory=dict)  # path -> ((mtime_ns, size), defines a flow)
 
     def __post_init__(self):
         self.flows = Path(self.flows)
@@ -113,12 +114,25 @@ class Watcher:
                 if not name.endswith(".py") or name.startswith("."):
                     continue
                 path = Path(dirpath) / name
-                if not _defines_flow(path):
+                if not self._defines_flow(path):
                     continue
                 if dirpath not in folder_digests:
                     folder_digests[dirpath] = _folder_digest(Path(dirpath))
                 flows[str(path.relative_to(self.flows))] = folder_digests[dirpath]
         return flows
+
+    def _defines_flow(self, path):
+        # Idle cost: a stat per file; a file is read and parsed only when it changed.
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        key = (st.st_mtime_ns, st.st_size)
+        cached = self._is_flow.get(path)
+        if cached is None or cached[0] != key:
+            cached = (key, _defines_flow(path))
+            self._is_flow[path] = cached
+        return cached[1]
 
     # -- compiling --------------------------------------------------------------
 
