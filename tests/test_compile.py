@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FLOWS, compile_flow
+from support import FLOWS, compile_flow
 
 SHAPES = ["linear_flow.py", "branches_flow.py", "foreach_flow.py", "nested_foreach_flow.py",
           "switch_flow.py", "retry_catch_flow.py", "config_project_flow.py",

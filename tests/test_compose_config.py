@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-if getattr(sys.modules.get("deploy"), "__file__", "") is None:
-    del sys.modules["deploy"]
+from support import REPO, deploy_module
 
-from deploy import config, stack  # noqa: E402
+config = deploy_module("config")
+stack = deploy_module("stack")
 
 HAVE_COMPOSE = shutil.which("docker") and subprocess.run(
     ["docker", "compose", "version"], stdout=subprocess.DEVNULL,

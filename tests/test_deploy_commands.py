@@ -15,14 +15,11 @@ from pathlib import Path
 
 import pytest
 
-# The repository's deploy package, not the tests/deploy folder of the same name.
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-if getattr(sys.modules.get("deploy"), "__file__", "") is None:
-    del sys.modules["deploy"]
+from support import REPO, deploy_module
 
-from deploy import commands as cmd  # noqa: E402
-from deploy import config, stack  # noqa: E402
+cmd = deploy_module("commands")
+config = deploy_module("config")
+stack = deploy_module("stack")
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="the snippets chown files to root and uid 50000")

@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-if getattr(sys.modules.get("deploy"), "__file__", "") is None:
-    del sys.modules["deploy"]
+from support import REPO, deploy_module
 
-from deploy import config  # noqa: E402
+config = deploy_module("config")
 
 
 def load_text(tmp_path, text, **kw):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import harness
-from conftest import (BASE, FLOWS, GRACE, MAX_MAP_LENGTH, MFLOCAL, TEST_USER, UI_URL,
+from support import (BASE, FLOWS, GRACE, MAX_MAP_LENGTH, MFLOCAL, TEST_USER, UI_URL,
                       compile_flow, docker_available)
 
 pytestmark = pytest.mark.e2e

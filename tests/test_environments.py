@@ -14,7 +14,7 @@ import time
 import pytest
 
 import harness
-from conftest import BASE, FLOWS, MFLOCAL, compile_flow, docker_available
+from support import BASE, FLOWS, MFLOCAL, compile_flow, docker_available
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 import harness
-from conftest import BASE, FLOWS, METAFLOW_ENV, compile_flow
+from support import BASE, FLOWS, METAFLOW_ENV, compile_flow
 
 METADATA_URL = os.environ.get("MFS_TEST_METADATA_URL")
 UI_URL = os.environ.get("MFS_TEST_UI_URL")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import harness
-from conftest import BASE, MFLOCAL, VENV_BIN
+from support import BASE, MFLOCAL, VENV_BIN
 
 FLOW = textwrap.dedent('''
     from metaflow import FlowSpec, step

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import VM_IP
+from deploylab import VM_IP
 
 pytestmark = pytest.mark.deploy
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_DIR, INSTALL_DIR, ONE_SHOTS, REPO, TIMINGS, VM_IP, VENV_BIN, fab_env
+from deploylab import DATA_DIR, INSTALL_DIR, ONE_SHOTS, REPO, TIMINGS, VM_IP, VENV_BIN, fab_env
 
 pytestmark = pytest.mark.deploy
 

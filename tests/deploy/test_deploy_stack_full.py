@@ -17,14 +17,10 @@ import sys
 import pytest
 import requests
 
-from conftest import (CACHE, FAB, REPO, TEST_OPTIONS, VM_IP, fab_env, local_image_id,
-                      run)
+from deploylab import (CACHE, FAB, REPO, TEST_OPTIONS, VM_IP, deploy_module, fab_env,
+                       local_image_id, run)
 
-sys.path.insert(0, str(REPO))
-if getattr(sys.modules.get("deploy"), "__file__", "") is None:
-    del sys.modules["deploy"]
-
-from deploy import stack  # noqa: E402
+stack = deploy_module("stack")
 
 pytestmark = pytest.mark.deploy
 

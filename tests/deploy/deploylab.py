@@ -1,0 +1,331 @@
+"""What the deploy tests share (their fixtures are in conftest.py): everything they need is built here, once per
+machine (cached under /var/cache/metaflow-services-tests) or once per session.
+
+* the stack's images, built from Debian and PyPI (tests/images/*.Dockerfile;
+  no registry is reachable), and a bundle of them made with `fab bundle`;
+* a bare Debian 13 VM (tests/deploy/vm.py): fresh for every session, no Docker;
+* `lab.fab(...)`: runs the real `fab` command as a user would, from the
+  repository root, with a private HOME (no ~/.ssh, ~/.fabric.yaml or
+  ~/.metaflowconfig of the machine leak in).
+
+Set MFS_KEEP_VM=1 to leave the VM running after the session (for debugging:
+`ssh -i /var/cache/metaflow-services-tests/ssh/id_ed25519 root@10.213.0.2`
+from the host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import vm as vm_mod  # noqa: E402
+
+from support import REPO, deploy_module  # noqa: E402,F401  (tests/support.py)
+CACHE = Path(os.environ.get("MFS_TEST_CACHE", "/var/cache/metaflow-services-tests"))
+VENV_BIN = Path(sys.executable).parent
+FAB = str(VENV_BIN / "fab")
+IMAGES = ["postgres", "seaweedfs", "proxy", "airflow", "step"]
+VM_IP = vm_mod.VM_IP
+INSTALL_DIR = "/opt/metaflow-services"
+DATA_DIR = "/srv/metaflow-services"
+PROJECT = "metaflow-services"
+
+# The deploy options of the test: the test-built images instead of the
+# official ones, and without the Metaflow services (their images cannot be
+# obtained here): runs use Metaflow's local metadata on a shared volume.
+# Four task slots, as on the 4 GB VM the stack is sized for (this VM sees the
+# host's 24 GB).
+TEST_OPTIONS = """\
+public_host: 10.213.0.2
+metaflow_services: false
+airflow:
+  parallelism: 4
+images:
+  postgres: mfs-postgres:test
+  seaweedfs: mfs-seaweedfs:test
+  proxy: mfs-proxy:test
+  airflow: mfs-airflow:test
+  step: mfs-step:test
+"""
+
+TIMINGS = {}
+
+
+def _timed(name):
+    class T:
+        def __enter__(self):
+            self.t0 = time.time()
+
+        def __exit__(self, *exc):
+            TIMINGS[name] = round(time.time() - self.t0, 1)
+    return T()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.write_sep("-", "deploy test timings (seconds)")
+        for k, v in TIMINGS.items():
+            terminalreporter.write_line("%-40s %8.1f" % (k, v))
+        try:
+            (CACHE / "deploy-test-timings.json").write_text(json.dumps(TIMINGS, indent=2))
+        except OSError:
+            pass
+
+
+def run(argv, timeout=3600, env=None, cwd=None):
+    return subprocess.run(argv, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+# ---------------------------------------------------------------------------
+# Preparation (cached)
+# ---------------------------------------------------------------------------
+
+
+def build_images():
+    env = dict(os.environ, PATH="%s:%s" % (VENV_BIN, os.environ.get("PATH", "")),
+               MFS_CACHE_DIR=str(CACHE))
+    proc = run([str(REPO / "tests" / "images" / "build"), *IMAGES], env=env)
+    if proc.returncode != 0:
+        pytest.fail("building the test images failed:\n%s" % proc.stdout[-3000:])
+
+
+def local_image_id(ref):
+    proc = run(["docker", "image", "inspect", "--format", "{{.Id}}", ref])
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def ensure_bundle(config: Path, home: Path) -> Path:
+    """`fab bundle` of the test images; made again only when an image changed."""
+    path = CACHE / "bundle-test.tar"
+    if path.exists():
+        import tarfile
+
+        with tarfile.open(path) as tar:
+            manifest = json.loads(tar.extractfile(tar.next()).read())
+        if all(local_image_id(e["ref"]) == e["id"] for e in manifest["images"]):
+            return path
+    proc = run([FAB, "bundle", "--config", str(config), "--output", str(path)], cwd=str(REPO),
+               env=fab_env(home))
+    if proc.returncode != 0:
+        pytest.fail("fab bundle failed:\n%s" % proc.stdout[-3000:])
+    return path
+
+
+def ssh_key(name):
+    d = CACHE / "ssh"
+    d.mkdir(parents=True, exist_ok=True)
+    key = d / name
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mfs-deploy-tests",
+                        "-f", str(key)], check=True)
+    return key
+
+
+def fab_env(home):
+    """A user's shell: a private HOME; none of the test session's Metaflow or
+    AWS settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("METAFLOW_", "AWS_", "MFS_", "SSH_AUTH_SOCK"))}
+    env.update({"HOME": str(home), "PATH": "%s:%s" % (VENV_BIN, os.environ.get("PATH", "")),
+                "USER": "tester", "NO_COLOR": "1"})
+    return env
+
+
+# ---------------------------------------------------------------------------
+# The lab
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class FabResult:
+    argv: list
+    returncode: int
+    output: str
+    seconds: float
+
+    def __str__(self):
+        return "$ %s\n(exit %d, %.0fs)\n%s" % (" ".join(self.argv), self.returncode, self.seconds,
+                                               self.output[-6000:])
+
+
+@dataclass
+class Lab:
+    vm: vm_mod.BareVM
+    key: Path
+    wrong_key: Path
+    bundle: Path
+    config: Path
+    home: Path
+    results: dict = field(default_factory=dict)
+
+    def fab(self, *args, user="deployer", host=VM_IP, key=None, timeout=2400, global_args=()):
+        argv = [FAB, "-H", "%s@%s" % (user, host), "-i", str(key or self.key), *global_args, *args]
+        t0 = time.time()
+        proc = subprocess.run(argv, cwd=str(REPO), env=fab_env(self.home), text=True,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=timeout)
+        return FabResult(argv[:1] + [a if a != str(key or self.key) else "KEY" for a in argv[1:]],
+                         proc.returncode, proc.stdout, time.time() - t0)
+
+    def deploy(self, *extra, bundle=True, config=None):
+        args = ["deploy", "--config", str(config or self.config)]
+        if bundle:
+            args += ["--bundle", str(self.bundle)]
+        return self.fab(*args, *extra)
+
+    # -- looking into the VM, as its console would ----------------------------
+
+    def sh(self, script, check=True, timeout=300):
+        return self.vm.run(script, check=check, timeout=timeout).stdout
+
+    def compose(self, args, check=True, timeout=600):
+        return self.sh("cd %s && docker compose %s" % (INSTALL_DIR, args), check=check,
+                       timeout=timeout)
+
+    def containers(self):
+        """{service: {id, started, state, health, exit_code}} of the stack."""
+        fmt = ('{{index .Config.Labels "com.docker.compose.service"}}|{{.Id}}|'
+               '{{.State.StartedAt}}|{{.State.Status}}|'
+               '{{if index .State "Health"}}{{(index .State "Health").Status}}{{else}}none{{end}}|'
+               '{{.State.ExitCode}}|{{.RestartCount}}')
+        out = self.sh("docker ps -aq --filter label=com.docker.compose.project=%s | "
+                      "xargs -r docker inspect --format '%s'" % (PROJECT, fmt))
+        result = {}
+        for line in out.strip().splitlines():
+            svc, cid, started, state, health, code, restarts = line.split("|")
+            result[svc] = {"id": cid, "started": started, "state": state, "health": health,
+                           "exit_code": int(code), "restarts": int(restarts)}
+        return result
+
+    def secret(self, name):
+        for line in (self.vm.root / INSTALL_DIR.lstrip("/") / "secrets.env").read_text().splitlines():
+            if line.startswith(name + "="):
+                return line.split("=", 1)[1]
+        raise KeyError(name)
+
+    @property
+    def ca(self):
+        return str(self.vm.root / INSTALL_DIR.lstrip("/") / "tls" / "cert.pem")
+
+    def airflow_token(self, user="admin", password=None):
+        import requests
+
+        r = requests.post("https://%s/auth/token" % VM_IP, timeout=30, verify=self.ca,
+                          json={"username": user,
+                                "password": password or self.secret("MFS_AIRFLOW_PASSWORD_ADMIN")})
+        return r
+
+    def airflow(self):
+        import requests
+
+        r = self.airflow_token()
+        r.raise_for_status()
+        s = requests.Session()
+        # Else REQUESTS_CA_BUNDLE (set on these machines) wins over s.verify.
+        s.trust_env = False
+        s.verify = self.ca
+        s.headers["Authorization"] = "Bearer " + r.json()["access_token"]
+        return s
+
+    def s3(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url="https://%s:9000" % VM_IP, verify=self.ca,
+                            aws_access_key_id=self.secret("MFS_S3_ACCESS_KEY"),
+                            aws_secret_access_key=self.secret("MFS_S3_SECRET_KEY"),
+                            region_name="us-east-1",
+                            config=Config(s3={"addressing_style": "path"},
+                                          retries={"max_attempts": 2}))
+
+    def wait_healthy(self, timeout=600):
+        deadline = time.time() + timeout
+        while True:
+            cs = self.containers()
+            bad = {s: c for s, c in cs.items()
+                   if not (c["state"] == "running" and c["health"] in ("healthy", "none"))
+                   and not (c["state"] == "exited" and c["exit_code"] == 0
+                            and s in ONE_SHOTS)}
+            if cs and not bad:
+                return cs
+            if time.time() > deadline:
+                raise AssertionError("not healthy after %ss: %s" % (timeout, bad))
+            time.sleep(3)
+
+    @contextmanager
+    def unchanged(self):
+        """Asserts the block changes nothing on the VM: no file newer than a
+        marker (except the SSH login records and sudo's timestamps), the same
+        locks and containers."""
+        state = ("ls -A /run/lock; command -v docker >/dev/null && "
+                 "docker ps -a --no-trunc --format '{{.ID}} {{.State}}' || true")
+        before = self.sh(state)
+        self.sh("rm -f /tmp/.mfs-marker && touch /tmp/.mfs-marker && sleep 1.1")
+        yield
+        changed = self.sh(
+            "find / -xdev -newer /tmp/.mfs-marker ! -path /tmp/.mfs-marker "
+            "! -path '/var/log/*' ! -path /var/log ! -path '/var/lib/sudo*' ! -path /run "
+            "2>/dev/null || true"
+        ).split()
+        assert changed == [], "files changed on the VM: %s" % changed
+        assert self.sh(state) == before, "locks or containers changed on the VM"
+
+
+ONE_SHOTS = ("postgres-init", "airflow-init", "metaflow-migrate")
+
+
+@pytest.fixture(scope="session")
+def lab():
+    if os.geteuid() != 0:
+        pytest.skip("the deploy tests need root (network namespaces, debootstrap, mounts)")
+    if run(["docker", "info"]).returncode != 0:
+        pytest.fail("the deploy tests need the host's Docker engine (scripts/host-setup starts it)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="mfs-deploy-home-"))
+    config = CACHE / "deploy-test.yaml"
+    config.write_text(TEST_OPTIONS)
+    with _timed("test images (tests/images/build)"):
+        build_images()
+    with _timed("VM disk image (cached)"):
+        image = vm_mod.prepare_image(CACHE)
+    with _timed("fab bundle (cached)"):
+        bundle = ensure_bundle(config, home)
+    key, wrong = ssh_key("id_ed25519"), ssh_key("wrong_ed25519")
+    vm = vm_mod.BareVM(image, CACHE / "vm", key.with_suffix(".pub").read_text().strip())
+    with _timed("VM create and boot"):
+        vm.create()
+        vm.network_up()
+        vm.boot()
+    lab = Lab(vm=vm, key=key, wrong_key=wrong, bundle=bundle, config=config, home=home)
+    yield lab
+    if os.environ.get("MFS_KEEP_VM") == "1":
+        print("\nMFS_KEEP_VM=1: the VM keeps running (%s); stop it with "
+              "tests/deploy/vm.py's BareVM.destroy" % VM_IP)
+        return
+    vm.destroy()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def deployed(lab):
+    """The first deploy onto the bare VM, from the bundle."""
+    assert lab.vm.run("command -v docker", check=False).returncode != 0, \
+        "the VM must start without Docker"
+    with _timed("first fab deploy (from the bundle)"):
+        res = lab.deploy()
+    lab.results["first"] = res
+    (CACHE / "first-deploy.log").write_text(str(res))
+    assert res.returncode == 0, str(res)
+    return res

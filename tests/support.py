@@ -1,0 +1,74 @@
+"""What the tests share: ports, directories and the Metaflow client's
+environment, fixed when this module is imported (by conftest.py, before any
+test imports metaflow: Metaflow reads its configuration once, at import). The
+services themselves start lazily, only for the tests that need them.
+
+Tests import from here, never from conftest: pytest loads every conftest.py
+under the module name "conftest", so a second one (tests/deploy/) would
+shadow this one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# Test the installed package, never the source tree: with the repository on
+# sys.path, Metaflow would find its extension twice and refuse to load.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+sys.path.insert(0, str(Path(__file__).parent))
+import harness  # noqa: E402
+
+FLOWS = Path(__file__).parent / "flows"
+VENV_BIN = Path(sys.executable).parent
+
+BASE, MFLOCAL = harness.scratch_dir("mfs-tests-")
+
+SEAWEED = harness.SeaweedFS(BASE)
+POSTGRES = harness.Postgres(BASE)
+TEST_USER = "tester"
+
+# The client in this process, the compiler and the Airflow workers all see it.
+METAFLOW_ENV = harness.metaflow_env(SEAWEED, MFLOCAL, TEST_USER)
+os.environ.update(METAFLOW_ENV)
+
+# Settings of the shared Airflow (conftest.airflow()).
+MAX_MAP_LENGTH = 8  # small, so a 20-way foreach exceeds it
+UI_URL = "http://metaflow-ui.example.test"
+GRACE = 30  # MFS_TIMEOUT_GRACE_SECONDS: the hard deadline is @timeout + GRACE
+
+
+def deploy_module(name):
+    """`deploy.<name>` (the Fabric tasks' package at the repository root),
+    imported without leaving the repository on sys.path (see above): once the
+    package is loaded, its submodules resolve through its own __path__."""
+    if getattr(sys.modules.get("deploy"), "__file__", "") is None:
+        del sys.modules["deploy"]  # the tests/deploy folder, seen as a namespace package
+    sys.path.insert(0, str(REPO))
+    try:
+        return importlib.import_module("deploy." + name)
+    finally:
+        sys.path.remove(str(REPO))
+
+
+def docker_available():
+    return subprocess.run(["docker", "info"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
+
+
+def compile_flow(flow_file, out_dir, env=None, extra_args=(), check=True):
+    """Run `metaflow-services compile` as a user would; returns the process."""
+    run_env = dict(os.environ)
+    run_env.update(env or {})
+    proc = subprocess.run(
+        [str(VENV_BIN / "metaflow-services"), "compile", str(flow_file), "-o", str(out_dir),
+         *extra_args],
+        env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError("compile of %s failed:\n%s\n%s" % (flow_file, proc.stdout, proc.stderr))
+    return proc
