@@ -3,6 +3,9 @@
     fab -H root@vm.example.com deploy          # the whole platform on a bare VM
     fab -H root@vm.example.com status | logs [SERVICE] | stop | start | destroy
     fab -H root@vm.example.com client-config --name team   # a laptop's Metaflow profile
+    fab -H root@vm.example.com push-flows flows/   # copy flows, wait for their DAGs
+    fab -H root@vm.example.com tunnel          # the UIs, metadata API and S3 on localhost
+    fab -H root@vm.example.com images | prune-images   # step environment images
     fab bundle --output stack.tar              # images for VMs without registry access
 
 `fab --list` shows them; `fab --help deploy` the options of one. The options
@@ -10,8 +13,8 @@ file is deploy.yaml next to this file (see deploy.example.yaml) or --config.
 docs/deploy.md is the manual.
 """
 
-from deploy.tasks import (bundle, client_config, deploy, destroy, logs, secrets, start,
-                          status, stop, unlock)
+from deploy.tasks import (bundle, client_config, deploy, destroy, images, logs, prune_images,
+                          push_flows, secrets, start, status, stop, tunnel, unlock)
 
-__all__ = ["bundle", "client_config", "deploy", "destroy", "logs", "secrets", "start", "status",
-           "stop", "unlock"]
+__all__ = ["bundle", "client_config", "deploy", "destroy", "images", "logs", "prune_images",
+           "push_flows", "secrets", "start", "status", "stop", "tunnel", "unlock"]

@@ -310,7 +310,8 @@ def self_signed_cert(install_dir, host, is_ip) -> str:
     """A self-signed certificate for *host*, made once; made again only if the
     host changed (a new public_host)."""
     d = q(install_dir + "/tls")
-    san = ("IP:%s" % host) if is_ip else ("DNS:%s" % host)
+    # localhost too: `fab tunnel` brings the entry points to this workstation.
+    san = (("IP:%s" % host) if is_ip else ("DNS:%s" % host)) + ",DNS:localhost,IP:127.0.0.1"
     return ("install -d -m 0755 %s && "
             "if [ -s %s/cert.pem ] && [ \"$(cat %s/.self-signed-for 2>/dev/null)\" = %s ]; then "
             "echo 'exists, skipped'; else "

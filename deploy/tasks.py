@@ -1,5 +1,6 @@
 """The Fabric tasks: `fab deploy`, `status`, `logs`, `stop`, `start`,
-`destroy`, `client-config`, `secrets`, `bundle`, `unlock`.
+`destroy`, `client-config`, `secrets`, `bundle`, `unlock`, and for users'
+flows `push-flows`, `tunnel`, `images`, `prune-images`.
 
 `deploy` reads as its list of steps (Deployment.run). Each step checks before
 it acts and says what it did; the preflight changes nothing on the VM, and
@@ -27,6 +28,7 @@ from metaflow_services import __version__
 from . import bundle as bundle_mod
 from . import commands as cmd
 from . import config as config_mod
+from . import flows as flows_mod
 from . import stack
 from .remote import DeployError, Out, Remote, boundary
 
@@ -720,6 +722,13 @@ def status(c, config=None, verbose=False):
                    what="reading disk use")
     for line in res.strip().splitlines():
         out.info(line)
+    out.step("flows (%s/flows, compiled by the flow-watcher)" % o.data_dir)
+    flows = flows_mod.read_state(r, o.data_dir)
+    if flows:
+        flows_mod.report(out, flows, o.airflow_url)
+    else:
+        out.info("none yet: drop flow files into %s/flows, or fab -H %s push-flows DIR"
+                 % (o.data_dir, r.host))
     out.step("health and last runs")
     admin = next(u for u, role in st["airflow_users"].items() if role == "admin")
     res = r.run(cmd.scheduler_exec(d.dir, "doctor --last-runs 5 --airflow-user %s" % admin,
@@ -815,18 +824,23 @@ def destroy(c, volumes=False, yes=False, config=None, verbose=False):
 
 
 @task(help=dict(COMMON_HELP, name="profile name: writes ~/.metaflowconfig/config_NAME.json",
-                directory="write into this folder instead of ~/.metaflowconfig"))
+                directory="write into this folder instead of ~/.metaflowconfig",
+                tunnel="use the VM through `fab tunnel` (localhost ports) instead of its address"))
 @boundary("client-config")
-def client_config(c, name="", directory="", config=None, verbose=False):
+def client_config(c, name="", directory="", tunnel=False, config=None, verbose=False):
     """Write a Metaflow profile so laptops use the VM's metadata service and
     object store: METAFLOW_PROFILE=NAME python flow.py run."""
     out, o, r, d = _connect(c, "client-config", verbose, config)
     d.whoami()
     st = _state(d)
-    name = name or st["public_host"].replace(".", "-")
+    name = name or st["public_host"].replace(".", "-") + ("-tunnel" if tunnel else "")
     secrets = _read_secrets(d)
     host = st["public_host"]
-    base = lambda port: ("https://%s" % host) if port == 443 else "https://%s:%d" % (host, port)  # noqa: E731
+    if tunnel:
+        local = {remote: lport for _, lport, remote in flows_mod.tunnel_ports(st)}
+        base = lambda port: flows_mod.tunnel_url(local[port])  # noqa: E731
+    else:
+        base = lambda port: ("https://%s" % host) if port == 443 else "https://%s:%d" % (host, port)  # noqa: E731
     folder = Path(directory).expanduser() if directory else Path.home() / ".metaflowconfig"
     folder.mkdir(parents=True, exist_ok=True)
     client_params = {"aws_access_key_id": secrets["MFS_S3_ACCESS_KEY"],
@@ -840,6 +854,8 @@ def client_config(c, name="", directory="", config=None, verbose=False):
         "METAFLOW_CARD_S3ROOT": "s3://%s/metaflow/mf.cards" % st["bucket"],
         "METAFLOW_S3_ENDPOINT_URL": base(st["ports"]["s3"]),
         "METAFLOW_DATATOOLS_CLIENT_PARAMS": client_params,
+        # Not Metaflow's: where `metaflow-services doctor --profile` finds Airflow.
+        "MFS_AIRFLOW_URL": base(st["ports"]["https"]),
     }
     if st["metaflow_services"]:
         profile.update({"METAFLOW_DEFAULT_METADATA": "service",
@@ -864,6 +880,9 @@ def client_config(c, name="", directory="", config=None, verbose=False):
     out.ok("wrote %s (mode 0600: it holds the S3 keys%s)"
            % (path, " and the metadata API key" if st["metaflow_services"] else ""))
     out.info("use it:  METAFLOW_PROFILE=%s python flow.py run" % name)
+    out.info("check it: metaflow-services doctor --profile %s" % name)
+    if tunnel:
+        out.info("it needs the tunnel open: fab -H %s tunnel" % r.host)
     if ca_note:
         out.info("the VM's certificate is self-signed: %s; for the metadata service also "
                  "export REQUESTS_CA_BUNDLE=%s (or give the VM a trusted certificate)"
@@ -925,3 +944,63 @@ def unlock(c, config=None, verbose=False):
     held = r.stdout("cat %s/holder 2>/dev/null || true" % cmd.q(cmd.lock_path(o.project))).strip()
     r.run(cmd.release_lock(o.project))
     out.ok("released%s" % (" (was: %s)" % held if held else " (it was not held)"))
+
+
+# ---------------------------------------------------------------------------
+# Users' flows and their images
+# ---------------------------------------------------------------------------
+
+
+@task(help=dict(
+    COMMON_HELP, folder="the local folder of flows",
+    delete="also remove flows on the VM that are not in the folder",
+    timeout="seconds to wait for the flow-watcher (default 120)"))
+@boundary("push-flows")
+def push_flows(c, folder, delete=False, timeout=120, config=None, verbose=False):
+    """Copy a folder of flows to the VM (only what changed), wait until each
+    is compiled, and print its DAG id and schedule, or its error."""
+    out, o, r, d = _connect(c, "push-flows", verbose, config)
+    d.whoami()
+    _state(d)
+    flows_mod.push(r, out, Path(folder), d.o.data_dir, d.o.airflow_url, delete=delete,
+                   timeout=int(timeout))
+
+
+@task(help=dict(COMMON_HELP, seconds="close the tunnel after this many seconds (default: "
+                                     "on Ctrl-C)"))
+@boundary("tunnel")
+def tunnel(c, seconds=0, config=None, verbose=False):
+    """Forward the VM's UIs, metadata API and S3 endpoint to localhost over
+    SSH, for VMs whose ports a firewall closes (local port = VM port + 10000)."""
+    out, o, r, d = _connect(c, "tunnel", verbose, config)
+    d.whoami()
+    st = _state(d)
+    out.step("tunnel to %s over SSH" % r.host)
+    flows_mod.forward(c, out, flows_mod.tunnel_ports(st), seconds=float(seconds))
+
+
+@task(help=COMMON_HELP)
+@boundary("images")
+def images(c, config=None, verbose=False):
+    """The step environment images built on the VM (@pypi, @conda,
+    requirements.txt), with size and last use."""
+    out, o, r, d = _connect(c, "images", verbose, config)
+    d.whoami()
+    _state(d)
+    out.step("step environment images on %s" % r.host)
+    for line in r.stdout(cmd.scheduler_exec(d.dir, "images"), what="listing images").splitlines():
+        out.info(line)
+
+
+@task(help=dict(COMMON_HELP, dry_run="only say what would be removed"))
+@boundary("prune-images")
+def prune_images(c, dry_run=False, config=None, verbose=False):
+    """Remove the step environment images no DAG on the VM uses."""
+    out, o, r, d = _connect(c, "prune-images", verbose, config)
+    d.whoami()
+    _state(d)
+    out.step("removing unused step environment images on %s" % r.host)
+    res = r.stdout(cmd.scheduler_exec(d.dir, "prune-images" + (" --dry-run" if dry_run else "")),
+                   what="pruning images")
+    for line in res.splitlines():
+        out.info(line)

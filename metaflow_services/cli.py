@@ -210,6 +210,12 @@ def _add_doctor_parser(sub):
                         "heartbeats (a container healthcheck).")
     d.add_argument("--max-age", type=int, default=90,
                    help="With --job: the oldest acceptable heartbeat, in seconds.")
+    d.add_argument("--profile", metavar="NAME",
+                   help="From a workstation: check the deployment this Metaflow profile (written "
+                        "by `fab client-config --name NAME`) points at: the Airflow API (and "
+                        "login, with $MFS_DOCTOR_AIRFLOW_PASSWORD), the object store with the "
+                        "profile's keys, the metadata API with its key, and that each entry "
+                        "point refuses requests without credentials.")
     d.add_argument("--json", action="store_true", help="Print the results as JSON.")
     d.set_defaults(func=cmd_doctor)
 

@@ -8,7 +8,9 @@ URL, the Docker socket. Entry point: ``metaflow-services doctor``, used
 * by ``fab deploy`` (``--ensure-bucket``, ``--smoke-test``) and ``fab status``,
 * by the dag-processor's and triggerer's container healthchecks (``--job``),
 * by an operator on the VM:
-  ``docker compose exec airflow-scheduler metaflow-services doctor``.
+  ``docker compose exec airflow-scheduler metaflow-services doctor``,
+* and from a workstation, through the entry point a Metaflow profile names:
+  ``metaflow-services doctor --profile NAME`` (``workstation_checks``).
 
 Every check returns a ``Check``: what was checked, whether it passed, what was
 found and, when it failed, what to do.
@@ -366,6 +368,9 @@ def versions():
 
 def doctor(args) -> int:
     """`metaflow-services doctor`: see cli.py for the arguments."""
+    if args.profile:
+        return _print(workstation_checks(args.profile, args.airflow_user,
+                                         _env("MFS_DOCTOR_AIRFLOW_PASSWORD")), args.json)
     if args.job:
         c = job_alive(args.job, args.max_age)
         print(("ok: " if c.ok else "FAILED: ") + c.detail)
@@ -405,7 +410,11 @@ def doctor(args) -> int:
             except Exception as e:  # noqa: BLE001
                 results.append(Check("smoke-test", False, _one_line(e),
                                      "docker compose logs airflow-scheduler"))
-    if args.json:
+    return _print(results, args.json)
+
+
+def _print(results, as_json=False) -> int:
+    if as_json:
         print(json.dumps([asdict(r) for r in results], indent=2))
     else:
         for r in results:
@@ -414,6 +423,134 @@ def doctor(args) -> int:
                 line += "  (what to do: %s)" % r.fix
             print(line)
     return 0 if all(r.ok for r in results) else 1
+
+
+# ---------------------------------------------------------------------------
+# From a workstation: the deployment a Metaflow profile points at
+# ---------------------------------------------------------------------------
+
+
+def load_profile(name):
+    home = os.path.expanduser(os.environ.get("METAFLOW_HOME", "~/.metaflowconfig"))
+    path = os.path.join(home, "config_%s.json" % name)
+    try:
+        with open(path) as f:
+            return path, json.load(f)
+    except OSError:
+        return path, None
+
+
+def _reach_problem(e, url, ca):
+    """A one-line diagnosis of a failed request, and what to do."""
+    import requests
+
+    text = str(e)
+    if isinstance(e, requests.exceptions.SSLError) or "CERTIFICATE_VERIFY_FAILED" in text:
+        return ("TLS certificate of %s not trusted (CA file: %s)" % (url, ca or "none"),
+                "run fab client-config again (it saves the VM's certificate next to the profile)")
+    if isinstance(e, (requests.exceptions.ConnectionError, OSError)) or "connect" in text.lower():
+        return ("cannot reach %s: %s" % (url, text.splitlines()[0][:160]),
+                "check the address and firewall, or open `fab -H HOST tunnel` and use a "
+                "profile made with `fab client-config --tunnel`")
+    if isinstance(e, requests.exceptions.Timeout):
+        return ("%s did not answer in time" % url, "check the VM: fab -H HOST status")
+    return ("%s: %s" % (type(e).__name__, text[:160]), "fab -H HOST status")
+
+
+def workstation_checks(profile_name, airflow_user="admin", password=None):
+    import requests
+
+    path, prof = load_profile(profile_name)
+    if prof is None:
+        return [Check("profile", False, "no Metaflow profile %s" % path,
+                      "write it: fab -H HOST client-config --name %s" % profile_name)]
+    ca = prof.get("METAFLOW_S3_VERIFY_CERTIFICATE") or os.environ.get("REQUESTS_CA_BUNDLE")
+    verify = ca or True
+    http = requests.Session()
+    http.trust_env = False  # else REQUESTS_CA_BUNDLE wins over the profile's CA
+    results = [Check("profile", True, path)]
+
+    airflow = prof.get("MFS_AIRFLOW_URL")
+    if not airflow:
+        results.append(Check("airflow", False, "the profile names no Airflow URL",
+                             "write it again with fab client-config"))
+    else:
+        try:
+            r = http.get(airflow + "/api/v2/monitor/health", timeout=15, verify=verify)
+            r.raise_for_status()
+            health = r.json()
+            bad = [k for k, v in health.items() if isinstance(v, dict)
+                   and v.get("status") not in (None, "healthy")]
+            results.append(Check("airflow", not bad, "%s: %s" % (
+                airflow, "healthy" if not bad else "unhealthy: " + ", ".join(bad)),
+                "" if not bad else "fab -H HOST status; fab -H HOST logs -s airflow-" + bad[0]))
+            denied = http.get(airflow + "/api/v2/dags", timeout=15, verify=verify).status_code
+            results.append(Check("airflow-auth", denied in (401, 403),
+                                 "the REST API without a token: HTTP %d" % denied,
+                                 "" if denied in (401, 403) else "the API answers without "
+                                 "credentials: check the deployment's auth settings"))
+            if password:
+                r = http.post(airflow + "/auth/token", json={"username": airflow_user,
+                                                             "password": password},
+                              timeout=15, verify=verify)
+                results.append(Check("airflow-login", r.status_code in (200, 201),
+                                     "user %s: HTTP %d" % (airflow_user, r.status_code),
+                                     "get the password: fab -H HOST secrets --name "
+                                     "MFS_AIRFLOW_PASSWORD_%s" % airflow_user.upper()))
+        except Exception as e:  # noqa: BLE001
+            results.append(Check("airflow", False, *_reach_problem(e, airflow, ca)))
+
+    results.append(_check_profile_s3(prof, ca))
+
+    if prof.get("METAFLOW_DEFAULT_METADATA") == "service":
+        url = prof.get("METAFLOW_SERVICE_URL", "")
+        try:
+            ok = http.get(url + "/ping", timeout=15, verify=verify,
+                          headers={"x-api-key": prof.get("METAFLOW_SERVICE_AUTH_KEY", "")})
+            denied = http.get(url + "/ping", timeout=15, verify=verify).status_code
+            results.append(Check("metadata", ok.status_code == 200,
+                                 "%s/ping with the key: HTTP %d" % (url, ok.status_code),
+                                 "" if ok.status_code == 200 else
+                                 "write the profile again with fab client-config; "
+                                 "fab -H HOST logs -s metadata"))
+            results.append(Check("metadata-auth", denied in (401, 403),
+                                 "without the key: HTTP %d" % denied))
+        except Exception as e:  # noqa: BLE001
+            results.append(Check("metadata", False, *_reach_problem(e, url, ca)))
+    else:
+        results.append(Check("metadata", True, "local (this deployment runs without the "
+                                               "metadata service)"))
+    return results
+
+
+def _check_profile_s3(prof, ca):
+    import boto3
+    from botocore.config import Config
+
+    root = prof.get("METAFLOW_DATASTORE_SYSROOT_S3", "")
+    bucket = root[len("s3://"):].split("/", 1)[0]
+    endpoint = prof.get("METAFLOW_S3_ENDPOINT_URL")
+    params = dict(prof.get("METAFLOW_DATATOOLS_CLIENT_PARAMS") or {})
+    params.pop("config", None)
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint, verify=ca or True,
+                          config=Config(s3={"addressing_style": "path"},
+                                        retries={"max_attempts": 2}, connect_timeout=10),
+                          **params)
+        s3.head_bucket(Bucket=bucket)
+        return Check("object-store", True, "%s: bucket %s readable with the profile's keys"
+                     % (endpoint, bucket))
+    except Exception as e:  # noqa: BLE001
+        code = getattr(e, "response", {}).get("Error", {}).get("Code", "") if hasattr(
+            e, "response") else ""
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return Check("object-store", False, "%s refused the profile's keys (%s)"
+                         % (endpoint, code), "write the profile again with fab client-config")
+        if code in ("404", "NoSuchBucket"):
+            return Check("object-store", False, "no bucket %s at %s" % (bucket, endpoint),
+                         "fab -H HOST deploy creates it")
+        what, fix = _reach_problem(e, endpoint, ca)
+        return Check("object-store", False, what, fix)
 
 
 def _one_line(e):

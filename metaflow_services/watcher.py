@@ -50,7 +50,9 @@ class FlowState:
     dag_file: str | None = None
     status: str = "new"       # ok | error | new
     message: str = ""
-    compiled_at: float | None = None
+    compiled_at: float | None = None   # last successful compile
+    checked_at: float | None = None    # last compile attempt (ok or not)
+    user: str | None = None            # METAFLOW_USER of its runs: the file's owner
     schedule: str | None = None
     attempts: int = 0
 
@@ -61,6 +63,12 @@ class Watcher:
     dags: Path
     settle: float = 2.0
     compile_args: list = field(default_factory=list)
+    # A passwd file naming the owners of flow files (in a container, the
+    # host's /etc/passwd mounted read-only): runs are then recorded under the
+    # user who dropped the flow. Without it (or for unknown uids) the
+    # watcher's own METAFLOW_USER is used.
+    passwd: Path | None = None
+    heartbeat: Path | None = None      # touched after every scan (healthcheck)
     state: dict = field(default_factory=dict)   # rel path -> FlowState
     _pending: dict = field(default_factory=dict)  # rel path -> (digest, first seen unchanged at)
     _is_flow: dict = field(default_factory=dict)  # path -> ((mtime_ns, size), defines a flow)
@@ -77,6 +85,8 @@ class Watcher:
         log.info("Watching %s for Metaflow flows; DAGs go to %s.", self.flows, self.dags)
         while True:
             self.poll()
+            if self.heartbeat:
+                self.heartbeat.touch()
             time.sleep(interval)
 
     def poll(self, now=None):
@@ -143,9 +153,14 @@ class Watcher:
         path = self.flows / rel
         cmd = [sys.executable, "-m", "metaflow_services.cli", "compile", str(path), "-o",
                str(self.dags), "--json", *self.compile_args]
+        env = dict(os.environ)
+        st.user = self._owner(path)
+        if st.user:
+            env["METAFLOW_USER"] = st.user
         t = time.time()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=str(path.parent))
+                              cwd=str(path.parent), env=env)
+        st.checked_at = time.time()
         if proc.returncode == 0:
             summary = json.loads(proc.stdout.strip().splitlines()[-1])
             if st.dag_file and st.dag_file != summary["dag_file"]:
@@ -163,6 +178,19 @@ class Watcher:
                       st.message)
         self._save()
         return st
+
+    def _owner(self, path):
+        if not self.passwd:
+            return None
+        try:
+            uid = path.stat().st_uid
+            for line in self.passwd.read_text().splitlines():
+                fields = line.split(":")
+                if len(fields) > 2 and fields[2] == str(uid):
+                    return fields[0]
+        except OSError:
+            pass
+        return None
 
     def _error_file(self, rel):
         return str(self.dags / (_stem(rel) + ERROR_SUFFIX))
@@ -193,7 +221,9 @@ class Watcher:
     def _load(self):
         try:
             raw = json.loads(self.state_file.read_text())
-            self.state = {k: FlowState(**v) for k, v in raw.get("flows", {}).items()}
+            known = set(FlowState.__dataclass_fields__)
+            self.state = {k: FlowState(**{f: x for f, x in v.items() if f in known})
+                          for k, v in raw.get("flows", {}).items()}
         except (OSError, ValueError, TypeError):
             self.state = {}
 
@@ -271,13 +301,18 @@ def add_parser(sub):
     w.add_argument("--settle", type=float, default=2.0,
                    help="seconds a flow's files must stay unchanged before it is compiled")
     w.add_argument("--once", action="store_true", help="compile what is there, then exit")
+    w.add_argument("--passwd", help="passwd file naming flow files' owners: their runs are "
+                                    "recorded under the owner's name (METAFLOW_USER)")
+    w.add_argument("--heartbeat", help="file touched after every scan (for a healthcheck)")
     w.set_defaults(func=run)
 
 
 def run(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.makedirs(args.flows, exist_ok=True)
-    w = Watcher(Path(args.flows), Path(args.dags), settle=args.settle)
+    w = Watcher(Path(args.flows), Path(args.dags), settle=args.settle,
+                passwd=Path(args.passwd) if args.passwd else None,
+                heartbeat=Path(args.heartbeat) if args.heartbeat else None)
     if args.once:
         w.settle = 0
         w.poll()

@@ -24,7 +24,7 @@ HAVE_COMPOSE = shutil.which("docker") and subprocess.run(
 pytestmark = pytest.mark.skipif(not HAVE_COMPOSE, reason="needs the docker compose CLI "
                                                          "(scripts/host-setup installs it)")
 LONG_RUNNING_AIRFLOW = ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
-                        "airflow-triggerer", "airflow-log-cleanup")
+                        "airflow-triggerer", "airflow-log-cleanup", "flow-watcher")
 FACTS = {"docker_gid": "988", "cores": 2, "memory_gb": 3.8, "tls_sha": "0123456789abcdef"}
 
 
@@ -83,6 +83,7 @@ def test_healthchecks_restart_policies_and_log_rotation(full):
     assert tests["airflow-scheduler"].endswith("http://127.0.0.1:8974/health")
     assert tests["airflow-dag-processor"] == "metaflow-services doctor --job DagProcessorJob"
     assert tests["airflow-triggerer"] == "metaflow-services doctor --job TriggererJob"
+    assert "/tmp/flow-watcher-heartbeat -mmin -1" in tests["flow-watcher"]
     assert tests["metadata"].endswith("http://127.0.0.1:8080/healthcheck")
     assert tests["metaflow-ui-backend"].endswith("http://127.0.0.1:8083/api/ping")
     assert tests["seaweedfs"].endswith("http://127.0.0.1:8333/healthz")
@@ -156,6 +157,25 @@ def test_the_scheduler_runs_metaflow_steps_in_containers(full):
     assert env["METAFLOW_DEFAULT_METADATA"] == "service"
     assert env["METAFLOW_SERVICE_URL"] == "http://metadata:8080"
     assert env["MFS_METAFLOW_UI_URL"] == "https://mfs.example.com:8443"
+
+
+def test_the_flow_watcher_compiles_flows_into_the_dags_folder(full):
+    o, secrets, cfg = full
+    w = cfg["services"]["flow-watcher"]
+    assert w["command"][:2] == ["metaflow-services", "watch"]
+    mounts = {v["target"]: (v["source"], v.get("read_only", False)) for v in w["volumes"]}
+    # It reads the users' flows, writes the DAGs, and names owners from the VM's passwd.
+    assert mounts["/opt/airflow/flows"] == ("/srv/metaflow-services/flows", True)
+    assert mounts["/opt/airflow/dags"] == ("/srv/metaflow-services/dags", False)
+    assert mounts["/run/host/passwd"] == ("/etc/passwd", True)
+    assert "/var/run/docker.sock" not in mounts
+    env = w["environment"]
+    # Compiling uploads code packages: the same object store and metadata as the runs.
+    scheduler = cfg["services"]["airflow-scheduler"]["environment"]
+    for key in ("METAFLOW_DATASTORE_SYSROOT_S3", "METAFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                "METAFLOW_DEFAULT_METADATA", "MFS_METAFLOW_UI_URL"):
+        assert env[key] == scheduler[key], key
+    assert env["METAFLOW_USER"] == "metaflow-services"
 
 
 def test_metaflow_services(full):

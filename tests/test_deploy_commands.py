@@ -120,7 +120,7 @@ def test_self_signed_certificate_command():
         "[ \"$(cat /opt/mfs/tls/.self-signed-for 2>/dev/null)\" = 10.0.0.5 ]; then "
         "echo 'exists, skipped'; else openssl req -x509 -newkey ec -pkeyopt "
         "ec_paramgen_curve:prime256v1 -nodes -sha256 -days 3650 -subj /CN=10.0.0.5 -addext "
-        "subjectAltName=IP:10.0.0.5 -keyout /opt/mfs/tls/key.pem.new -out "
+        "subjectAltName=IP:10.0.0.5,DNS:localhost,IP:127.0.0.1 -keyout /opt/mfs/tls/key.pem.new -out "
         "/opt/mfs/tls/cert.pem.new 2>/dev/null && chmod 600 /opt/mfs/tls/key.pem.new && "
         "chmod 644 /opt/mfs/tls/cert.pem.new && mv -f /opt/mfs/tls/key.pem.new "
         "/opt/mfs/tls/key.pem && mv -f /opt/mfs/tls/cert.pem.new /opt/mfs/tls/cert.pem && "
@@ -264,7 +264,9 @@ def test_self_signed_certificate_is_made_once_per_host(tmp_path):
     assert sh(cmd.self_signed_cert(d, "10.1.2.3", True)).strip() == "generated (self-signed)"
     cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "cert.pem").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    # The VM's address, and localhost for `fab tunnel`.
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3", "127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
     assert stat.S_IMODE((tmp_path / "tls" / "key.pem").stat().st_mode) == 0o600
     assert sh(cmd.self_signed_cert(d, "10.1.2.3", True)).strip() == "exists, skipped"
     assert sh(cmd.self_signed_cert(d, "vm.example.com", False)).strip() == "generated (self-signed)"

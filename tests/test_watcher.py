@@ -107,6 +107,29 @@ def test_a_broken_flow_gets_an_error_file_and_keeps_its_last_good_dag(tmp_path, 
     assert not (dags / "w__watched_flow.compile_error.py").exists()
 
 
+def test_runs_of_a_dropped_flow_are_recorded_under_its_owner(tmp_path, seaweedfs):
+    from metaflow_services.watcher import Watcher
+
+    flows, dags = tmp_path / "flows", tmp_path / "dags"
+    write(flows / "w" / "helper.py", "VALUE = 1\n")
+    write(flows / "w" / "watched_flow.py", FLOW)
+    os.chown(flows / "w" / "watched_flow.py", 4242, 4242)
+    passwd = tmp_path / "passwd"  # as the VM's /etc/passwd, mounted into the watcher
+    passwd.write_text("root:x:0:0::/root:/bin/sh\nalice:x:4242:4242::/home/alice:/bin/sh\n")
+    w = Watcher(flows, dags, settle=0, passwd=passwd)
+    w.poll()
+    (st,) = w.poll()
+    assert st.status == "ok" and st.user == "alice" and st.checked_at
+    assert "'user': 'alice'" in (dags / "WatchedFlow.py").read_text()
+    # Saved by an owner the passwd file does not know: the watcher's own METAFLOW_USER.
+    write(flows / "w" / "watched_flow.py", FLOW + "\n")
+    os.chown(flows / "w" / "watched_flow.py", 4343, 4343)
+    w.poll()
+    (st,) = w.poll()
+    assert st.user is None
+    assert "'user': '%s'" % os.environ["METAFLOW_USER"] in (dags / "WatchedFlow.py").read_text()
+
+
 # --------------------------------------------------------------------------
 # Through Airflow, with the watcher running as its own process
 # --------------------------------------------------------------------------

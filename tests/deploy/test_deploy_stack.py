@@ -25,7 +25,7 @@ pytestmark = pytest.mark.deploy
 
 FLOW = Path(__file__).parent / "flows" / "deploy_check_flow.py"
 LONG_RUNNING = ("postgres", "seaweedfs", "airflow-api-server", "airflow-scheduler",
-                "airflow-dag-processor", "airflow-triggerer", "airflow-log-cleanup", "proxy")
+                "airflow-dag-processor", "airflow-triggerer", "airflow-log-cleanup", "flow-watcher", "proxy")
 
 
 def running_services(containers):
@@ -122,6 +122,8 @@ def test_nothing_but_the_proxy_listens_on_the_network(deployed, lab):
 
 
 def test_a_flow_dropped_into_the_stack_runs_through_airflow(deployed, lab):
+    """The foreach flow runs with step containers; its artifacts are in the
+    object store. (test_deploy_stack_flows.py: the flow-watcher in detail.)"""
     from fabric import Connection
 
     from metaflow_services.spec import run_id_for
@@ -129,13 +131,12 @@ def test_a_flow_dropped_into_the_stack_runs_through_airflow(deployed, lab):
     # A user (member of the group "metaflow") copies the flow onto the VM...
     with Connection(VM_IP, user="deployer", connect_kwargs={"key_filename": str(lab.key)}) as c:
         c.put(str(FLOW), "%s/flows/deploy_check_flow.py" % DATA_DIR)
-    # ... and compiles it in the scheduler container, into the dags folder.
-    proc = lab.vm.run("cd %s && docker compose exec -T -e METAFLOW_USER=deployer "
-                      "airflow-scheduler metaflow-services compile "
-                      "/opt/airflow/flows/deploy_check_flow.py" % INSTALL_DIR, timeout=300)
-    assert "DAG *DeployCheckFlow*" in proc.stdout + proc.stderr or \
-        "DAG DeployCheckFlow" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-    assert (lab.vm.root / DATA_DIR.lstrip("/") / "dags" / "DeployCheckFlow.py").exists()
+    # ... and the stack's flow-watcher compiles it into the dags folder.
+    dag_file = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / "DeployCheckFlow.py"
+    deadline = time.time() + 60
+    while not dag_file.exists():
+        assert time.time() < deadline, lab.compose("logs --tail 50 flow-watcher")
+        time.sleep(1)
 
     api = lab.airflow()
     base = "https://%s/api/v2/dags/DeployCheckFlow" % VM_IP
