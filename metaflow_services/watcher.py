@@ -27,6 +27,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,6 +155,11 @@ class Watcher:
         cmd = [sys.executable, "-m", "metaflow_services.cli", "compile", str(path), "-o",
                str(self.dags), "--json", *self.compile_args]
         env = dict(os.environ)
+        # Metaflow makes its temporary files (the package upload's among them)
+        # in the working directory by default: the flows folder may be
+        # read-only (it is in the stack).
+        env.setdefault("METAFLOW_TEMPDIR", tempfile.gettempdir())
+        env.setdefault("METAFLOW_ARTIFACT_LOCALROOT", tempfile.gettempdir())
         st.user = self._owner(path)
         if st.user:
             env["METAFLOW_USER"] = st.user

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import textwrap
 import time
 from pathlib import Path
@@ -105,6 +106,26 @@ def test_a_broken_flow_gets_an_error_file_and_keeps_its_last_good_dag(tmp_path, 
     write(flows / "w" / "watched_flow.py", FLOW)
     w.poll(), w.poll()
     assert not (dags / "w__watched_flow.compile_error.py").exists()
+
+
+def test_a_read_only_flows_folder_compiles(tmp_path, seaweedfs):
+    """In the stack the watcher mounts the flows folder read-only."""
+    from metaflow_services.watcher import Watcher
+
+    flows, dags = tmp_path / "flows", tmp_path / "dags"
+    write(flows / "w" / "helper.py", "VALUE = 1\n")
+    write(flows / "w" / "watched_flow.py", FLOW)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", str(flows), str(ro)], check=True)
+    try:
+        w = Watcher(ro, dags, settle=0)
+        w.poll()
+        (st,) = w.poll()
+        assert st.status == "ok", st.message
+        assert (dags / "WatchedFlow.py").exists()
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
 
 
 def test_runs_of_a_dropped_flow_are_recorded_under_its_owner(tmp_path, seaweedfs):
