@@ -575,14 +575,16 @@ class Deployment:
             rows += [("Metaflow UI", o.metaflow_url, "user: %s" % o.metaflow_ui.user),
                      ("Metaflow metadata API", o.metaflow_url + "/metadata", "x-api-key")]
         rows += [("S3 endpoint", o.s3_url, "bucket: %s" % o.bucket),
-                 ("DAGs folder on the VM", o.data_dir + "/dags",
-                  "writable by group %s" % DATA_GROUP)]
+                 ("Flows folder on the VM", o.data_dir + "/flows",
+                  "drop flow files here (group %s may write), or: fab push-flows DIR"
+                  % DATA_GROUP)]
         for name, url, note in rows:
             lines.append("  %-24s %-34s %s" % (name, url, note))
         lines += [
             "Passwords and keys:  fab -H %s secrets --show   (on the VM: %s/secrets.env, mode 0600)"
             % (h, self.dir),
             "Laptop profile:      fab -H %s client-config --name NAME" % h,
+            "Behind a firewall:   fab -H %s tunnel   (then client-config --tunnel)" % h,
             "Status and logs:     fab -H %s status  |  fab -H %s logs [-s SERVICE]" % (h, h),
         ]
         if not o.tls.cert:
