@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "deploy"))
+sys.path[:0] = [str(REPO / "tests" / "deploy"), str(REPO / "tests")]
 
-import conftest as lab_mod  # noqa: E402  (the deploy tests' lab, used outside pytest)
+import deploylab as lab_mod  # noqa: E402  (the deploy tests' lab, used outside pytest)
 import vm as vm_mod  # noqa: E402
 
 UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3, "kB": 1000, "MB": 1e6,
