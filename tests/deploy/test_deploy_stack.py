@@ -188,11 +188,11 @@ def test_a_second_deploy_changes_nothing(deployed, lab):
     for line in ("stack files in %s\n    ok unchanged, skipped" % INSTALL_DIR,
                  "ok all present, skipped",
                  "ok all 5 images of the bundle already loaded, upload skipped",
-                 "ok all 10 services up to date, nothing restarted",
+                 "ok all %d services up to date, nothing restarted" % len(before),
                  "ok skipped (nothing changed",
                  "(nothing changed)."):
         assert line in out, line
-    assert with_bundle.seconds < 30, str(with_bundle)
+    # (Its duration is measured by benchmarks/deploy_bench.py, target < 30 s.)
     after = lab.containers()
     assert running_services(after) == running_services(before)
     assert after["airflow-init"] == before["airflow-init"]  # one-shots did not run again
