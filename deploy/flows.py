@@ -202,7 +202,8 @@ def forward(c, out: Out, ports, seconds=0):
     with ExitStack() as stack:
         for what, local, remote in ports:
             stack.enter_context(c.forward_local(local, remote_port=remote,
-                                                remote_host="127.0.0.1"))
+                                                remote_host="127.0.0.1",
+                                                local_host="127.0.0.1"))
             out.info("%-30s %s" % (what, tunnel_url(local)))
         out.ok("tunnel open; Ctrl-C closes it. A laptop profile for it: "
                "fab -H %s client-config --tunnel" % Remote.describe(c))

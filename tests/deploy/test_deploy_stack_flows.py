@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from deploylab import DATA_DIR, TIMINGS, VENV_BIN, VM_IP, fab_env
+from deploylab import DATA_DIR, REPO, TIMINGS, VENV_BIN, VM_IP, fab_env
 
 pytestmark = pytest.mark.deploy
 
@@ -78,14 +78,14 @@ class User:
 
     def write(self, rel, text):
         path = "%s/flows/%s" % (DATA_DIR, rel)
-        self.c.run("mkdir -p %s" % os.path.dirname(path), hide=True)
+        self.c.run("mkdir -p %s" % os.path.dirname(path), hide=True, in_stream=False)
         tmp = path + ".tmp"  # not a flow file: the watcher ignores it until renamed
         with self.c.sftp().open(tmp, "w") as f:
             f.write(text)
-        self.c.run("mv -f %s %s" % (tmp, path), hide=True)
+        self.c.run("mv -f %s %s" % (tmp, path), hide=True, in_stream=False)
 
     def remove(self, rel):
-        self.c.run("rm -rf %s/flows/%s" % (DATA_DIR, rel), hide=True)
+        self.c.run("rm -rf %s/flows/%s" % (DATA_DIR, rel), hide=True, in_stream=False)
 
 
 def dag(api, dag_id):
@@ -235,14 +235,16 @@ def test_push_flows_copies_only_what_changed_and_reports_each_flow(deployed, lab
     wait("PushedFlow's DAG to go away", lambda: dag(api, "PushedFlow") is None, 60)
 
 
-def _wait_port(port, timeout=30):
+def _wait_port(port, proc, timeout=30):
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.3)
-    raise AssertionError("nothing listens on localhost:%d" % port)
+    proc.terminate()
+    raise AssertionError("nothing listens on localhost:%d; fab tunnel said:\n%s"
+                         % (port, proc.communicate(timeout=30)[0]))
 
 
 def doctor(lab, profile_dir, name, password=None):
@@ -272,11 +274,11 @@ def test_tunnel_client_config_and_doctor_from_a_workstation(deployed, lab, tmp_p
 
     argv = [str(VENV_BIN / "fab"), "-H", "deployer@%s" % VM_IP, "-i", str(lab.key), "tunnel",
             "--seconds", "90"]
-    tun = subprocess.Popen(argv, cwd=str(lab.home), env=fab_env(lab.home), text=True,
+    tun = subprocess.Popen(argv, cwd=str(REPO), env=fab_env(lab.home), text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        _wait_port(10443)
-        _wait_port(19000)
+        _wait_port(10443, tun)
+        _wait_port(19000, tun)
         ok = doctor(lab, profiles, "viatunnel", password=lab.secret("MFS_AIRFLOW_PASSWORD_ADMIN"))
         assert ok.returncode == 0, ok.stdout
         for line in ("ok   airflow ", "ok   airflow-auth ", "ok   airflow-login ",
