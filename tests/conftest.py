@@ -26,10 +26,16 @@ def pytest_sessionfinish(session, exitstatus):
         print("\ntest services' logs and data: %s" % BASE)
 
 
+# Local services started by the fixtures below, stopped before the deploy tests
+# (which need none of them and run last) and again, harmlessly, at the end.
+_RUNNING = []
+
+
 @pytest.fixture(scope="session")
 def seaweedfs():
     if SEAWEED.proc is None:
         SEAWEED.start()
+        _RUNNING.append(SEAWEED)
     return SEAWEED
 
 
@@ -37,6 +43,7 @@ def seaweedfs():
 def postgres():
     if POSTGRES.proc is None:
         POSTGRES.start()
+        _RUNNING.append(POSTGRES)
     return POSTGRES
 
 
@@ -48,5 +55,23 @@ def airflow(postgres, seaweedfs):
     env = dict(METAFLOW_ENV, MFS_METAFLOW_UI_URL=UI_URL, MFS_TIMEOUT_GRACE_SECONDS=str(GRACE))
     af = harness.Airflow(BASE, postgres, env, max_map_length=MAX_MAP_LENGTH)
     af.start({"MFS_EXECUTOR": "subprocess"})
+    _RUNNING.append(af)
     yield af
     af.stop()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The deploy tests run last. Their VM's stack (a whole Airflow, PostgreSQL
+    and object store) stays up until the session ends and would load this
+    machine under the end-to-end tests, whose step deadlines (@timeout plus
+    grace) are real."""
+    items.sort(key=lambda item: item.get_closest_marker("deploy") is not None)
+
+
+def pytest_runtest_setup(item):
+    # The same the other way round: the local Airflow, PostgreSQL and S3
+    # server of the other tests stop before the deploy tests start.
+    if item.get_closest_marker("deploy") and _RUNNING:
+        for svc in reversed(_RUNNING):
+            svc.stop()
+        _RUNNING.clear()
