@@ -830,8 +830,10 @@ def destroy(c, volumes=False, yes=False, config=None, verbose=False):
                 tunnel="use the VM through `fab tunnel` (localhost ports) instead of its address"))
 @boundary("client-config")
 def client_config(c, name="", directory="", tunnel=False, config=None, verbose=False):
-    """Write a Metaflow profile so laptops use the VM's metadata service and
-    object store: METAFLOW_PROFILE=NAME python flow.py run."""
+    """Write a Metaflow profile for this workstation.
+
+    Laptops then use the VM's metadata service and object store:
+    METAFLOW_PROFILE=NAME python flow.py run."""
     out, o, r, d = _connect(c, "client-config", verbose, config)
     d.whoami()
     st = _state(d)
@@ -959,8 +961,10 @@ def unlock(c, config=None, verbose=False):
     timeout="seconds to wait for the flow-watcher (default 120)"))
 @boundary("push-flows")
 def push_flows(c, folder, delete=False, timeout=120, config=None, verbose=False):
-    """Copy a folder of flows to the VM (only what changed), wait until each
-    is compiled, and print its DAG id and schedule, or its error."""
+    """Copy a folder of flows to the VM and wait for their DAGs.
+
+    Only changed files are copied; each flow's DAG id and schedule, or its
+    compile error, is printed."""
     out, o, r, d = _connect(c, "push-flows", verbose, config)
     d.whoami()
     _state(d)
@@ -972,8 +976,9 @@ def push_flows(c, folder, delete=False, timeout=120, config=None, verbose=False)
                                      "on Ctrl-C)"))
 @boundary("tunnel")
 def tunnel(c, seconds=0, config=None, verbose=False):
-    """Forward the VM's UIs, metadata API and S3 endpoint to localhost over
-    SSH, for VMs whose ports a firewall closes (local port = VM port + 10000)."""
+    """Forward the UIs, metadata API and S3 to localhost over SSH.
+
+    For VMs whose ports a firewall closes: local port = VM port + 10000."""
     out, o, r, d = _connect(c, "tunnel", verbose, config)
     d.whoami()
     st = _state(d)
@@ -984,8 +989,9 @@ def tunnel(c, seconds=0, config=None, verbose=False):
 @task(help=COMMON_HELP)
 @boundary("images")
 def images(c, config=None, verbose=False):
-    """The step environment images built on the VM (@pypi, @conda,
-    requirements.txt), with size and last use."""
+    """List the step environment images built on the VM.
+
+    (@pypi, @conda, requirements.txt), with size and last use."""
     out, o, r, d = _connect(c, "images", verbose, config)
     d.whoami()
     _state(d)
