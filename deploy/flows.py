@@ -17,8 +17,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from metaflow_services.watcher import PACKAGE_SUFFIXES
-from metaflow_services.watcher import _defines_flow as defines_flow
+from metaflow_services.watcher import defines_flow, package_files
 
 from .remote import DeployError, Out, Remote
 
@@ -75,16 +74,10 @@ def report(out: Out, state: dict, airflow_url, only=None) -> int:
 
 
 def local_files(folder: Path) -> dict:
-    """{relative path: sha256} of the files a flow's code package is made of
-    (the watcher's own suffixes; hidden files and __pycache__ left out)."""
-    files = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
-        for name in sorted(filenames):
-            if name.endswith(PACKAGE_SUFFIXES) and not name.startswith("."):
-                p = Path(dirpath) / name
-                files[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return files
+    """{relative path: sha256} of the files the flows' code packages are made
+    of (the watcher's own selection)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in package_files(folder)}
 
 
 def remote_files(r: Remote, flows_dir) -> dict:

@@ -986,29 +986,28 @@ def tunnel(c, seconds=0, config=None, verbose=False):
     flows_mod.forward(c, out, flows_mod.tunnel_ports(st), seconds=float(seconds))
 
 
+def _in_scheduler(c, task_name, config, verbose, title, args):
+    """Runs `metaflow-services ARGS` in the scheduler container; prints its output."""
+    out, o, r, d = _connect(c, task_name, verbose, config)
+    d.whoami()
+    _state(d)
+    out.step("%s on %s" % (title, r.host))
+    for line in r.stdout(cmd.scheduler_exec(d.dir, args), what=title).splitlines():
+        out.info(line)
+
+
 @task(help=COMMON_HELP)
 @boundary("images")
 def images(c, config=None, verbose=False):
     """List the step environment images built on the VM.
 
     (@pypi, @conda, requirements.txt), with size and last use."""
-    out, o, r, d = _connect(c, "images", verbose, config)
-    d.whoami()
-    _state(d)
-    out.step("step environment images on %s" % r.host)
-    for line in r.stdout(cmd.scheduler_exec(d.dir, "images"), what="listing images").splitlines():
-        out.info(line)
+    _in_scheduler(c, "images", config, verbose, "step environment images", "images")
 
 
 @task(help=dict(COMMON_HELP, dry_run="only say what would be removed"))
 @boundary("prune-images")
 def prune_images(c, dry_run=False, config=None, verbose=False):
     """Remove the step environment images no DAG on the VM uses."""
-    out, o, r, d = _connect(c, "prune-images", verbose, config)
-    d.whoami()
-    _state(d)
-    out.step("removing unused step environment images on %s" % r.host)
-    res = r.stdout(cmd.scheduler_exec(d.dir, "prune-images" + (" --dry-run" if dry_run else "")),
-                   what="pruning images")
-    for line in res.splitlines():
-        out.info(line)
+    _in_scheduler(c, "prune-images", config, verbose, "removing unused step environment images",
+                  "prune-images" + (" --dry-run" if dry_run else ""))

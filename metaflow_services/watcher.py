@@ -141,7 +141,7 @@ class Watcher:
         key = (st.st_mtime_ns, st.st_size)
         cached = self._is_flow.get(path)
         if cached is None or cached[0] != key:
-            cached = (key, _defines_flow(path))
+            cached = (key, defines_flow(path))
             self._is_flow[path] = cached
         return cached[1]
 
@@ -239,7 +239,7 @@ class Watcher:
         write_atomic(str(self.state_file), json.dumps(data, indent=1))
 
 
-def _defines_flow(path: Path) -> bool:
+def defines_flow(path: Path) -> bool:
     """Whether the file defines a FlowSpec subclass (cheap: a text check
     first, then the syntax tree; a file with a syntax error that mentions
     FlowSpec counts, so that its error is reported)."""
@@ -261,19 +261,26 @@ def _defines_flow(path: Path) -> bool:
     return False
 
 
-def _folder_digest(folder: Path) -> str:
-    h = hashlib.sha1()
+def package_files(folder: Path):
+    """The files under *folder* a code package is made of, in a stable order
+    (hidden files and folders and __pycache__ left out). `fab push-flows`
+    copies the same set."""
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
         for name in sorted(filenames):
             if name.endswith(PACKAGE_SUFFIXES) and not name.startswith("."):
-                p = Path(dirpath) / name
-                try:
-                    st = p.stat()
-                except OSError:
-                    continue
-                h.update(("%s\0%d\0%d\0" % (p.relative_to(folder), st.st_size,
-                                            st.st_mtime_ns)).encode())
+                yield Path(dirpath) / name
+
+
+def _folder_digest(folder: Path) -> str:
+    h = hashlib.sha1()
+    for p in package_files(folder):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        h.update(("%s\0%d\0%d\0" % (p.relative_to(folder), st.st_size,
+                                    st.st_mtime_ns)).encode())
     return h.hexdigest()
 
 

@@ -32,6 +32,17 @@ def running_services(containers):
     return {s: (c["id"], c["started"]) for s, c in containers.items() if s not in ONE_SHOTS}
 
 
+def assert_first_run_intact(lab):
+    """The run of test_a_flow_dropped_into_the_stack_runs_through_airflow is
+    still in Airflow, and its artifacts in the object store."""
+    run_id, mf_run = lab.results["flow_run"]
+    api = lab.airflow()
+    assert api.get("https://%s/api/v2/dags/DeployCheckFlow/dagRuns/%s" % (VM_IP, run_id),
+                   timeout=30).json()["state"] == "success"
+    lab.s3().head_object(Bucket="metaflow",
+                         Key="metaflow/DeployCheckFlow/%s/join/t-0/0.data.json" % mf_run)
+
+
 # ---------------------------------------------------------------------------
 # The first deploy
 # ---------------------------------------------------------------------------
@@ -197,12 +208,7 @@ def test_a_second_deploy_changes_nothing(deployed, lab):
     assert running_services(after) == running_services(before)
     assert after["airflow-init"] == before["airflow-init"]  # one-shots did not run again
     # Data intact: the earlier run is still in Airflow and in the object store.
-    run_id, mf_run = lab.results["flow_run"]
-    api = lab.airflow()
-    assert api.get("https://%s/api/v2/dags/DeployCheckFlow/dagRuns/%s" % (VM_IP, run_id),
-                   timeout=30).json()["state"] == "success"
-    lab.s3().head_object(Bucket="metaflow",
-                         Key="metaflow/DeployCheckFlow/%s/join/t-0/0.data.json" % mf_run)
+    assert_first_run_intact(lab)
 
 
 def test_a_changed_option_restarts_only_what_it_affects(deployed, lab):
@@ -343,12 +349,7 @@ def test_the_stack_comes_back_by_itself_after_a_reboot(deployed, lab):
         assert cs[svc]["id"] == before[svc]["id"], svc           # the same containers ...
         assert cs[svc]["started"] != before[svc]["started"], svc  # ... started again
     assert lab.airflow_token().status_code == 201
-    run_id, mf_run = lab.results["flow_run"]
-    api = lab.airflow()
-    assert api.get("https://%s/api/v2/dags/DeployCheckFlow/dagRuns/%s" % (VM_IP, run_id),
-                   timeout=30).json()["state"] == "success"
-    lab.s3().head_object(Bucket="metaflow",
-                         Key="metaflow/DeployCheckFlow/%s/join/t-0/0.data.json" % mf_run)
+    assert_first_run_intact(lab)
 
 
 def test_stop_and_start(deployed, lab):
@@ -382,9 +383,4 @@ def test_destroy_keeps_the_data_and_a_deploy_brings_it_back(deployed, lab):
     assert res.returncode == 0, str(res)
     assert "ok all present, skipped" in res.output       # the same secrets
     lab.wait_healthy(timeout=60)
-    run_id, mf_run = lab.results["flow_run"]
-    api = lab.airflow()
-    assert api.get("https://%s/api/v2/dags/DeployCheckFlow/dagRuns/%s" % (VM_IP, run_id),
-                   timeout=30).json()["state"] == "success"
-    lab.s3().head_object(Bucket="metaflow",
-                         Key="metaflow/DeployCheckFlow/%s/join/t-0/0.data.json" % mf_run)
+    assert_first_run_intact(lab)

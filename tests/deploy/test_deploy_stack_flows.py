@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import textwrap
@@ -295,3 +296,15 @@ def test_tunnel_client_config_and_doctor_from_a_workstation(deployed, lab, tmp_p
         tun.terminate()
         out = tun.communicate(timeout=30)[0]
     assert "Airflow UI and REST API" in out and "https://localhost:10443" in out, out
+
+
+def test_images_and_prune_images_run_in_the_stack(deployed, lab):
+    # The test stack's flows pin nothing: no environment image exists, and
+    # pruning finds the DAGs in the VM's dags folder and removes nothing.
+    res = lab.fab("images")
+    assert res.returncode == 0, str(res)
+    assert "No step environment images on this host." in res.output, str(res)
+    res = lab.fab("prune-images", "--dry-run")
+    assert res.returncode == 0, str(res)
+    assert re.search(r"0 image\(s\) to remove; 0 in use by the [1-9]\d* DAG\(s\) in "
+                     r"/opt/airflow/dags\.", res.output), str(res)
