@@ -6,6 +6,9 @@
     fab -H root@vm.example.com push-flows flows/   # copy flows, wait for their DAGs
     fab -H root@vm.example.com tunnel          # the UIs, metadata API and S3 on localhost
     fab -H root@vm.example.com images | prune-images   # step environment images
+    fab -H root@vm.example.com backup --to backups/    # everything, into one archive
+    fab -H root@new-vm restore backups/ARCHIVE.tar     # onto a fresh VM
+    fab -H root@vm.example.com upgrade [--set images.airflow=REF]  # backup, migrate, or roll back
     fab bundle --output stack.tar              # images for VMs without registry access
 
 `fab --list` shows them; `fab --help deploy` the options of one. The options
@@ -13,8 +16,10 @@ file is deploy.yaml next to this file (see deploy.example.yaml) or --config.
 docs/deploy.md is the manual.
 """
 
+from deploy.operations import backup, restore, upgrade
 from deploy.tasks import (bundle, client_config, deploy, destroy, images, logs, prune_images,
                           push_flows, secrets, start, status, stop, tunnel, unlock)
 
-__all__ = ["bundle", "client_config", "deploy", "destroy", "images", "logs", "prune_images",
-           "push_flows", "secrets", "start", "status", "stop", "tunnel", "unlock"]
+__all__ = ["backup", "bundle", "client_config", "deploy", "destroy", "images", "logs",
+           "prune_images", "push_flows", "restore", "secrets", "start", "status", "stop",
+           "tunnel", "unlock", "upgrade"]

@@ -378,6 +378,12 @@ def data_dirs(data_dir, uid, group, login_user) -> str:
 # ---------------------------------------------------------------------------
 
 
+def backup_dir(path) -> str:
+    """Backups hold every secret: root only."""
+    return ("if [ -d %s ]; then chmod 0700 %s && echo ''; else install -d -m 0700 -o root -g root %s "
+            "&& echo ', created'; fi" % (q(path), q(path), q(path)))
+
+
 def compose(install_dir, args) -> str:
     """docker compose in install_dir (which reads .env: the project name,
     files, profiles, settings and secrets)."""

@@ -62,7 +62,29 @@ class Airflow:
     parsing_processes: object = _doc("DAG parsing processes; auto: 1 below 4 cores",
                                      default="auto")
     dags_paused_at_creation: bool = _doc("new DAGs start paused", default=True)
-    log_retention_days: int = _doc("task logs older than this are deleted", default=30)
+
+
+@dataclass
+class Retention:
+    task_logs_days: int = _doc("Airflow task logs older than this are deleted; 0: never",
+                               default=30)
+    airflow_metadata_days: int = _doc("finished DAG runs, task instances, XComs and jobs older "
+                                      "than this leave Airflow's database (airflow db clean); "
+                                      "0: never", default=90)
+    docker_logs_mb: int = _doc("log space per container (Docker's json-file, 5 files)",
+                               default=50)
+
+
+@dataclass
+class Backup:
+    dir: str = _doc("where backups are written on the VM (mode 0700: they hold the secrets)",
+                    default="/var/backups/metaflow-services")
+    schedule: str = _doc("HH:MM (UTC) for a nightly backup; empty: only `fab backup`",
+                         default="")
+    keep: int = _doc("backups kept in backup.dir; older ones are deleted after each backup",
+                     default=7)
+    max_age_days: float = _doc("`fab status` warns when the newest backup is older",
+                               default=2.0)
 
 
 @dataclass
@@ -126,6 +148,8 @@ class Options:
     tls: TLS = field(default_factory=TLS)
     airflow: Airflow = field(default_factory=Airflow)
     metaflow_ui: MetaflowUI = field(default_factory=MetaflowUI)
+    retention: Retention = field(default_factory=Retention)
+    backup: Backup = field(default_factory=Backup)
     images: Images = field(default_factory=Images)
     install: Install = field(default_factory=Install)
     preflight: Preflight = field(default_factory=Preflight)
@@ -377,9 +401,20 @@ def validate(o: Options, source="options"):
         value = getattr(a, key)
         if value != "auto" and not (isinstance(value, int) and 1 <= value <= 256):
             fail("airflow.%s" % key, "expected 'auto' or 1-256, found %r" % value)
-    if a.log_retention_days < 1:
-        fail("airflow.log_retention_days", "expected at least 1, found %r"
-             % a.log_retention_days)
+    for key in ("task_logs_days", "airflow_metadata_days"):
+        if getattr(o.retention, key) < 0:
+            fail("retention.%s" % key, "expected 0 (never) or more days, found %r"
+                 % getattr(o.retention, key))
+    if not 5 <= o.retention.docker_logs_mb <= 10000:
+        fail("retention.docker_logs_mb", "expected 5-10000, found %r" % o.retention.docker_logs_mb)
+    b = o.backup
+    if b.schedule and not _SCHEDULE_RE.match(b.schedule):
+        fail("backup.schedule", "expected HH:MM (UTC, e.g. 02:30) or empty, found %r"
+             % b.schedule)
+    if b.keep < 1:
+        fail("backup.keep", "expected at least 1, found %r" % b.keep)
+    if not b.dir.startswith("/") or b.dir.rstrip("/") in ("", o.install_dir, o.data_dir):
+        fail("backup.dir", "expected an absolute path of its own, found %r" % b.dir)
     if not _NAME_RE.match(o.metaflow_ui.user):
         fail("metaflow_ui.user", "expected a-z, 0-9 and _, starting with a letter, found %r"
              % o.metaflow_ui.user)
@@ -395,6 +430,9 @@ def validate(o: Options, source="options"):
     if o.preflight.min_memory_gb < 0 or o.preflight.min_disk_gb < 0:
         fail("preflight", "minimums cannot be negative")
     return o
+
+
+_SCHEDULE_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 
 
 def _is_ip(value):

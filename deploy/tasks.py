@@ -98,19 +98,26 @@ class Deployment:
     def run(self, bundle_path=None, manifest=None):
         self.preflight()
         with self.lock("fab deploy"):
-            self.install_docker()
-            self.upload_stack()
-            self.ensure_secrets()
-            self.certificate()
-            self.configure()
-            self.images(bundle_path, manifest)
-            self.start()
-            self.wait_healthy()
-            self.check_proxy()
-            self.bucket()
-            self.smoke_test()
-            self.record()
+            self.prepare(bundle_path, manifest)
+            self.go_live()
         self.summary()
+
+    def prepare(self, bundle_path=None, manifest=None):
+        """Everything up to the images; no service is (re)started yet."""
+        self.install_docker()
+        self.upload_stack()
+        self.ensure_secrets()
+        self.certificate()
+        self.configure()
+        self.images(bundle_path, manifest)
+
+    def go_live(self):
+        self.start()
+        self.wait_healthy()
+        self.check_proxy()
+        self.bucket()
+        self.smoke_test()
+        self.record()
 
     # -- 1. preflight: read only ---------------------------------------------
 
@@ -343,6 +350,8 @@ class Deployment:
                                                                   res.replace("\n", "; ")))
         res = self.r.stdout(cmd.ensure_volumes(self.volumes()), what="creating volumes")
         self.out.ok("volumes: %s" % "; ".join(res.strip().splitlines()))
+        res = self.r.stdout(cmd.backup_dir(self.o.backup.dir), what="creating the backup folder")
+        self.out.ok("backups: %s (mode 0700)%s" % (self.o.backup.dir, res.strip()))
 
     def volumes(self):
         p = self.o.project
@@ -719,11 +728,18 @@ def status(c, config=None, verbose=False):
     res = r.run(cmd.scheduler_exec(d.dir, "doctor --versions"), what="reading versions", warn=True)
     for line in res.stdout.strip().splitlines():
         out.info(line)
+    warnings = []
     out.step("disk")
-    res = r.stdout("df -h %s %s | sed 1d; docker system df" % (DOCKER_ROOT, cmd.q(o.data_dir)),
-                   what="reading disk use")
+    res = r.stdout("df -h %s %s %s | sed 1d; docker system df" % (
+        DOCKER_ROOT, cmd.q(o.data_dir), cmd.q(o.backup.dir)), what="reading disk use")
     for line in res.strip().splitlines():
         out.info(line)
+    warnings += disk_warnings(r.stdout("df -P -k %s %s %s | sed 1d" % (
+        DOCKER_ROOT, cmd.q(o.data_dir), cmd.q(o.backup.dir)), what="reading disk use"))
+    out.step("backups")
+    from . import operations
+
+    warnings += operations.report_backups(d, out)
     out.step("flows (%s/flows, compiled by the flow-watcher)" % o.data_dir)
     flows = flows_mod.read_state(r, o.data_dir)
     if flows:
@@ -739,7 +755,32 @@ def status(c, config=None, verbose=False):
     for line in (res.stdout + res.stderr).strip().splitlines():
         out.info(line)
     if res.exited != 0:
+        warnings.append("some health checks failed (above)")
+    if warnings:
+        out.step("warnings")
+        for w in warnings:
+            out.warn(w)
+    if res.exited != 0:
         raise Exit("fab status on %s: some checks failed (above)" % r.host, code=1)
+
+
+LOW_DISK_PERCENT, LOW_DISK_GB = 90, 5
+
+
+def disk_warnings(df_text):
+    """`df -P -k` lines -> a warning per file system that is nearly full."""
+    warnings, seen = [], set()
+    for line in df_text.strip().splitlines():
+        parts = line.split()
+        if len(parts) < 6 or parts[5] in seen:
+            continue
+        seen.add(parts[5])
+        used_pct, avail_gb = int(parts[4].rstrip("%")), int(parts[3]) / 1024 / 1024
+        if used_pct >= LOW_DISK_PERCENT or avail_gb < LOW_DISK_GB:
+            warnings.append("low disk on %s: %d%% used, %.1f GB free (task logs, images and "
+                            "backups grow there: fab prune-images, lower retention.* or "
+                            "backup.keep, or grow the disk)" % (parts[5], used_pct, avail_gb))
+    return warnings
 
 
 @task(help=dict(COMMON_HELP, service="one service, e.g. airflow-scheduler (default: all)",

@@ -24,7 +24,7 @@ HAVE_COMPOSE = shutil.which("docker") and subprocess.run(
 pytestmark = pytest.mark.skipif(not HAVE_COMPOSE, reason="needs the docker compose CLI "
                                                          "(scripts/host-setup installs it)")
 LONG_RUNNING_AIRFLOW = ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
-                        "airflow-triggerer", "airflow-log-cleanup", "flow-watcher")
+                        "airflow-triggerer", "maintenance", "flow-watcher")
 FACTS = {"docker_gid": "988", "cores": 2, "memory_gb": 3.8, "tls_sha": "0123456789abcdef"}
 
 
@@ -96,7 +96,8 @@ def test_postgres(full):
     assert pg["environment"]["PGDATA"] == "/var/lib/postgresql/data"
     assert pg["environment"]["POSTGRES_PASSWORD"] == secrets["MFS_POSTGRES_PASSWORD"]
     assert [(v["source"], v["target"]) for v in pg["volumes"]] == [
-        ("postgres-data", "/var/lib/postgresql/data")]
+        ("postgres-data", "/var/lib/postgresql/data"),
+        ("/var/backups/metaflow-services", "/backups")]
     # Data volumes are external: `docker compose down -v` cannot delete them.
     for key in ("postgres-data", "seaweedfs-data", "metaflow-local", "code-cache"):
         assert cfg["volumes"][key]["external"] is True, key
@@ -109,7 +110,7 @@ def test_postgres(full):
 
 def test_airflow_services_share_one_configuration(full):
     o, secrets, cfg = full
-    airflow = [n for n in LONG_RUNNING_AIRFLOW if n != "airflow-log-cleanup"] + ["airflow-init"]
+    airflow = list(LONG_RUNNING_AIRFLOW) + ["airflow-init"]
     envs = [cfg["services"][n]["environment"] for n in airflow]
     for key in ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET",
                 "AIRFLOW__API__SECRET_KEY", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
@@ -127,10 +128,20 @@ def test_airflow_services_share_one_configuration(full):
     for name in LONG_RUNNING_AIRFLOW:
         svc = cfg["services"][name]
         assert svc["image"] == stack.images(o)["airflow"]
-        assert svc["user"] == "50000:0"
+        assert svc["user"] == ("0:0" if name == "maintenance" else "50000:0")
         assert svc["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
-    # The log cleaner deletes files: it gets no secrets.
-    assert set(cfg["services"]["airflow-log-cleanup"]["environment"]) == {"MFS_LOG_RETENTION_DAYS"}
+    # Housekeeping and backups: the retention settings, the backup folder
+    # (also the postgres service's, for pg_dump), the install folder read only.
+    m = cfg["services"]["maintenance"]
+    assert m["environment"]["MFS_LOG_RETENTION_DAYS"] == "30"
+    assert m["environment"]["MFS_AIRFLOW_METADATA_RETENTION_DAYS"] == "90"
+    assert m["environment"]["MFS_BACKUP_SCHEDULE"] == ""
+    mounts = {v["target"]: v for v in m["volumes"]}
+    assert mounts["/backups"]["source"] == "/var/backups/metaflow-services"
+    assert mounts["/install"]["read_only"] is True
+    assert mounts["/data"]["source"] == o.data_dir
+    pg_mounts = {v["target"]: v["source"] for v in cfg["services"]["postgres"]["volumes"]}
+    assert pg_mounts["/backups"] == "/var/backups/metaflow-services"
     assert cfg["services"]["airflow-init"]["build"]["context"].endswith("/airflow")
     init_cmd = cfg["services"]["airflow-init"]["command"][0]
     assert "airflow db migrate" in init_cmd and "airflow db check-migrations" in init_cmd

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.deploy
 
 FLOW = Path(__file__).parent / "flows" / "deploy_check_flow.py"
 LONG_RUNNING = ("postgres", "seaweedfs", "airflow-api-server", "airflow-scheduler",
-                "airflow-dag-processor", "airflow-triggerer", "airflow-log-cleanup", "flow-watcher", "proxy")
+                "airflow-dag-processor", "airflow-triggerer", "maintenance", "flow-watcher", "proxy")
 
 
 def running_services(containers):
@@ -213,21 +213,21 @@ def test_a_second_deploy_changes_nothing(deployed, lab):
 
 def test_a_changed_option_restarts_only_what_it_affects(deployed, lab):
     before = lab.containers()
-    res = lab.deploy("--set", "airflow.log_retention_days=7", "--smoke-test", "never")
+    res = lab.deploy("--set", "retention.task_logs_days=7", "--smoke-test", "never")
     assert res.returncode == 0, str(res)
-    assert "airflow-log-cleanup: recreate (configuration changed)" in res.output
+    assert "maintenance: recreate (configuration changed)" in res.output
     after = lab.containers()
     changed = {s for s in LONG_RUNNING if after[s]["id"] != before[s]["id"]
                or after[s]["started"] != before[s]["started"]}
-    assert changed == {"airflow-log-cleanup"}, changed
-    assert lab.sh("docker inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "
-                  "metaflow-services-airflow-log-cleanup-1 | grep RETENTION").strip() \
-        == "MFS_LOG_RETENTION_DAYS=7"
+    assert changed == {"maintenance"}, changed
+    assert "MFS_LOG_RETENTION_DAYS=7" in lab.sh(
+        "docker inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "
+        "metaflow-services-maintenance-1 | grep RETENTION").split()
     # And back: again only that service.
     res = lab.deploy("--smoke-test", "never")
     assert res.returncode == 0, str(res)
     again = lab.containers()
-    assert {s for s in LONG_RUNNING if again[s]["id"] != after[s]["id"]} == {"airflow-log-cleanup"}
+    assert {s for s in LONG_RUNNING if again[s]["id"] != after[s]["id"]} == {"maintenance"}
 
 
 def test_your_own_certificate_restarts_only_the_proxy(deployed, lab, tmp_path):

@@ -1,0 +1,619 @@
+"""Backups of the whole platform, and restoring them (`metaflow-services
+backup` / `restore`; `fab backup` / `fab restore` run these on the VM).
+
+It runs in the stack's maintenance container: the Airflow image, as root, on
+the stack's network, with the Docker socket, the backup folder (/backups, also
+mounted into the postgres container), the data folder (/data: flows and dags),
+the install folder (/install, read only: secrets, certificate, deploy record)
+and the volumes with Metaflow's local metadata and Airflow's task logs.
+
+One archive holds everything needed to rebuild the platform on a new VM, each
+file under a prefix, and a manifest last:
+
+    postgres/airflow.dump, postgres/metaflow.dump   pg_dump -Fc, from the server's own image
+    bucket/<key>                                    every object (S3 metadata in PAX headers)
+    volumes/metaflow-local/..., volumes/airflow-logs/...
+    data/flows/..., data/dags/...
+    config/secrets.env, config/tls/*, config/deploy.json
+    manifest.json       versions, schema revisions, images, options, sha256 of every file
+
+Consistency without stopping anything: the databases are dumped first, then
+the object store and the metadata folder. Metaflow writes a task's artifacts
+before it records them, so everything a dumped run refers to is in the bucket
+copy (which may hold a few newer objects nobody refers to yet).
+
+Restoring reads the archive twice: once to check every checksum and the
+schema (nothing is touched if that fails), then to load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+FORMAT = 1
+PREFIX = "metaflow-services-backup-"
+SUFFIX = ".tar"
+MANIFEST = "manifest.json"
+DATABASES = ("airflow", "metaflow")
+PAX_META = "MFS.s3.meta."      # S3 user metadata of an object (Metaflow's cas_raw, ...)
+PAX_TYPE = "MFS.s3.content-type"
+# Inside the maintenance container (compose/compose.yaml).
+BACKUP_DIR = Path(os.environ.get("MFS_BACKUP_DIR", "/backups"))
+INSTALL_DIR = Path("/install")
+DATA_DIR = Path("/data")
+VOLUMES = {"metaflow-local": Path("/var/lib/metaflow-local"),
+           "airflow-logs": Path("/opt/airflow/logs")}
+CONFIG_FILES = ("secrets.env", "tls/cert.pem", "tls/key.pem", "state/deploy.json")
+CHUNK = 1 << 20
+
+
+class BackupError(Exception):
+    """What went wrong and what to do; nothing was changed (unless it says so)."""
+
+
+def name_for(t=None) -> str:
+    return "%s%s%s" % (PREFIX, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t)), SUFFIX)
+
+
+def human(n) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1000.0
+
+
+# ---------------------------------------------------------------------------
+# Checksummed tar members
+# ---------------------------------------------------------------------------
+
+
+class _Hashing(io.RawIOBase):
+    """Reads from a file object, hashing what passes through."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        data = self.f.read(len(b))
+        self.sha.update(data)
+        self.n += len(data)
+        b[:len(data)] = data
+        return len(data)
+
+
+class Writer:
+    """The archive being written: every regular file's sha256 goes into the
+    manifest."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.tar = tarfile.open(fileobj=os.fdopen(fd, "wb"), mode="w", format=tarfile.PAX_FORMAT)
+        self.members = {}
+        self.bytes = 0
+
+    def add_stream(self, name, f, size, mtime=None, mode=0o644, uid=0, gid=0, pax=None):
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode, ti.uid, ti.gid = size, mtime or time.time(), mode, uid, gid
+        ti.pax_headers = dict(pax or {})
+        h = _Hashing(f)
+        self.tar.addfile(ti, io.BufferedReader(h, CHUNK))
+        self.members[name] = h.sha.hexdigest()
+        self.bytes += size
+
+    def add_file(self, name, path: Path):
+        """A file that may grow while we read it (a live log): copied to a
+        spool first, so the size in the header is the size written."""
+        st = path.stat()
+        with open(path, "rb") as src, tempfile.SpooledTemporaryFile(16 * CHUNK) as spool:
+            shutil.copyfileobj(src, spool, CHUNK)
+            size = spool.tell()
+            spool.seek(0)
+            self.add_stream(name, spool, size, st.st_mtime, st.st_mode & 0o7777, st.st_uid,
+                            st.st_gid)
+        return size
+
+    def add_tree(self, prefix, root: Path, progress=None):
+        """Every file and folder below root (not root itself); symlinks as
+        links. Returns (files, bytes)."""
+        files, total = 0, 0
+        if not root.is_dir():
+            return 0, 0
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for d in list(dirnames):
+                p = Path(dirpath) / d
+                self.tar.add(str(p), arcname=_arc(prefix, root, p), recursive=False)
+            for fname in sorted(filenames):
+                p = Path(dirpath) / fname
+                arc = _arc(prefix, root, p)
+                try:
+                    if p.is_symlink() or not p.is_file():
+                        self.tar.add(str(p), arcname=arc, recursive=False)
+                        continue
+                    total += self.add_file(arc, p)
+                except FileNotFoundError:
+                    continue  # removed while we walked (log retention, a step's temp file)
+                files += 1
+        return files, total
+
+    def close(self, manifest: dict):
+        manifest["members"] = self.members
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        ti = tarfile.TarInfo(MANIFEST)
+        ti.size, ti.mtime, ti.mode = len(data), time.time(), 0o600
+        self.tar.addfile(ti, io.BytesIO(data))
+        f = self.tar.fileobj
+        self.tar.close()
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+
+
+def _arc(prefix, root: Path, p: Path) -> str:
+    return "%s/%s" % (prefix, p.relative_to(root).as_posix())
+
+
+def verify(path, progress=None) -> dict:
+    """Reads the whole archive and checks every file against the manifest.
+    Returns the manifest; raises BackupError naming the first problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackupError("%s: no such file" % path)
+    seen, manifest = {}, None
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                _check_name(m.name, path)
+                if m.name == MANIFEST:
+                    manifest = json.loads(tar.extractfile(m).read())
+                    continue
+                if not m.isfile():
+                    continue
+                sha = hashlib.sha256()
+                f = tar.extractfile(m)
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    sha.update(chunk)
+                seen[m.name] = sha.hexdigest()
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise BackupError("%s is not a readable backup archive (%s): truncated or corrupted"
+                          % (path, e))
+    if manifest is None:
+        raise BackupError("%s has no manifest.json: not a metaflow-services backup, or "
+                          "truncated" % path)
+    if manifest.get("format") != FORMAT:
+        raise BackupError("%s: backup format %s, this version reads format %d"
+                          % (path, manifest.get("format"), FORMAT))
+    want = manifest.get("members", {})
+    bad = sorted(n for n in want if seen.get(n) != want[n])
+    extra = sorted(set(seen) - set(want))
+    if bad or extra:
+        what = ("checksum mismatch or missing: %s" % ", ".join(bad[:5]) if bad
+                else "files not in the manifest: %s" % ", ".join(extra[:5]))
+        raise BackupError("%s is corrupted (%s%s)" % (path, what,
+                                                       " and more" if len(bad + extra) > 5 else ""))
+    return manifest
+
+
+def _check_name(name, path):
+    if name.startswith("/") or ".." in name.split("/"):
+        raise BackupError("%s: unsafe path in the archive: %s" % (path, name))
+
+
+def read_manifest(path) -> dict:
+    """The manifest alone (no checksums verified): for quick listings."""
+    with tarfile.open(path, mode="r:") as tar:
+        for m in tar:
+            if m.name == MANIFEST:
+                return json.loads(tar.extractfile(m).read())
+    raise BackupError("%s has no manifest.json" % path)
+
+
+# ---------------------------------------------------------------------------
+# The stack's parts (inside the maintenance container)
+# ---------------------------------------------------------------------------
+
+
+def _postgres_container():
+    import docker
+
+    project = os.environ.get("COMPOSE_PROJECT_NAME") or os.environ.get("MFS_DOCKER_NETWORK",
+                                                                       "metaflow-services")
+    found = docker.from_env().containers.list(filters={"label": [
+        "com.docker.compose.project=%s" % project, "com.docker.compose.service=postgres"]})
+    if not found:
+        raise BackupError("the postgres service of %s is not running" % project)
+    return found[0]
+
+
+def _pg(container, script, what):
+    """A shell script in the postgres container (the server's own client
+    tools: pg_dump matches the server's version)."""
+    # As root (it writes to /backups, which only root may enter), connecting
+    # as the postgres superuser over the local socket (trusted in the image).
+    res = container.exec_run(["sh", "-ec", script], user="root", demux=True,
+                             environment={"PGUSER": "postgres"})
+    out, err = res.output
+    if res.exit_code != 0:
+        raise BackupError("%s failed: %s" % (what, ((err or b"") + (out or b"")).decode(
+            errors="replace").strip()[-800:]))
+    return (out or b"").decode(errors="replace")
+
+
+def _sql(container, db, query):
+    return _pg(container, "psql -X -A -t -v ON_ERROR_STOP=1 -d %s -c \"%s\"" % (db, query),
+               "a query on %s" % db).strip()
+
+
+def schema_revisions(container) -> dict:
+    revs = {}
+    for db in DATABASES:
+        exists = _sql(container, "postgres", "SELECT 1 FROM pg_database WHERE datname='%s'" % db)
+        if not exists:
+            revs[db] = None
+            continue
+        if db == "airflow":
+            q = ("SELECT version_num FROM alembic_version WHERE "
+                 "to_regclass('alembic_version') IS NOT NULL")
+        else:  # the metadata service's migrations (goose)
+            q = ("SELECT max(version_id) FROM goose_db_version WHERE "
+                 "to_regclass('goose_db_version') IS NOT NULL")
+        try:
+            revs[db] = _sql(container, db, q) or None
+        except BackupError:
+            revs[db] = None
+    return revs
+
+
+def _bucket_objects(s3, bucket):
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            yield obj
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for f in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _deploy_record() -> dict:
+    p = INSTALL_DIR / "state" / "deploy.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+# ---------------------------------------------------------------------------
+# Backup
+# ---------------------------------------------------------------------------
+
+
+def create(out_dir: Path = BACKUP_DIR, progress=print) -> Path:
+    """One archive of everything; returns its path. A failure removes the
+    partial file and changes nothing else."""
+    from . import health
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    pg = _postgres_container()
+    revisions = schema_revisions(pg)
+    s3, bucket = health.s3_client(), health.bucket_name()
+    objects = list(_bucket_objects(s3, bucket))
+    db_sizes = {db: int(_sql(pg, "postgres", "SELECT pg_database_size('%s')" % db) or 0)
+                for db in DATABASES if revisions.get(db) is not None or _sql(
+                    pg, "postgres", "SELECT 1 FROM pg_database WHERE datname='%s'" % db)}
+    estimate = (sum(db_sizes.values()) + sum(o["Size"] for o in objects)
+                + sum(_tree_size(p) for p in VOLUMES.values())
+                + sum(_tree_size(DATA_DIR / d) for d in ("flows", "dags")))
+    free = _free_bytes(out_dir)
+    # Dumps are smaller than the databases; the rest is copied as is.
+    if free < estimate * 1.05 + 100e6:
+        raise BackupError("not enough space in the backup folder: it needs about %s, %s is "
+                          "free (nothing was written)" % (human(estimate), human(free)))
+    progress("backing up about %s (databases %s, %d objects in bucket %s) into %s"
+             % (human(estimate), human(sum(db_sizes.values())), len(objects), bucket, out_dir))
+    final = out_dir / name_for(t0)
+    partial = final.with_name(final.name + ".partial")
+    w = Writer(partial)
+    try:
+        counts = _write_parts(w, pg, db_sizes, s3, bucket, objects, out_dir, progress)
+        record = _deploy_record()
+        w.close({
+            "format": FORMAT, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
+            "metaflow_services_version": _version("metaflow-services"),
+            "airflow_version": _version("apache-airflow"),
+            "metaflow_version": _version("metaflow"),
+            "schema": revisions, "images": record.get("images", {}),
+            "deploy": record, "counts": counts, "bytes": w.bytes,
+        })
+        os.replace(partial, final)
+    except BaseException:
+        try:
+            w.tar.fileobj.close()
+        except Exception:  # noqa: BLE001
+            pass
+        partial.unlink(missing_ok=True)
+        raise
+    progress("backup written: %s (%s, %d files, %s)" % (final, human(final.stat().st_size),
+                                                       len(w.members), _took(t0)))
+    return final
+
+
+def _write_parts(w: Writer, pg, db_sizes, s3, bucket, objects, out_dir, progress) -> dict:
+    counts = {}
+    # 1. the databases, first (see the module's docstring).
+    stage = out_dir / (".dump-%d" % os.getpid())
+    stage.mkdir(mode=0o700, exist_ok=True)
+    try:
+        for db in db_sizes:
+            t = time.time()
+            dump = stage / ("%s.dump" % db)
+            # /backups is mounted into the postgres container too.
+            _pg(pg, "pg_dump -Fc --no-owner --no-acl -d %s -f /backups/%s/%s.dump"
+                % (db, stage.name, db), "pg_dump of %s" % db)
+            size = w.add_file("postgres/%s.dump" % db, dump)
+            dump.unlink()
+            progress("  postgres: %s, %s dump (%s)" % (db, human(size), _took(t)))
+        counts["dag_runs"] = int(_sql(pg, "airflow", "SELECT count(*) FROM dag_run "
+                                      "WHERE to_regclass('dag_run') IS NOT NULL") or 0) \
+            if "airflow" in db_sizes else 0
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    # 2. the bucket, object by object, with the metadata Metaflow relies on.
+    t, done, last = time.time(), 0, time.time()
+    for i, obj in enumerate(objects):
+        try:
+            got = s3.get_object(Bucket=bucket, Key=obj["Key"])
+        except s3.exceptions.NoSuchKey:
+            continue
+        pax = {PAX_META + k: v for k, v in got.get("Metadata", {}).items()}
+        if got.get("ContentType"):
+            pax[PAX_TYPE] = got["ContentType"]
+        w.add_stream("bucket/" + obj["Key"], got["Body"], got["ContentLength"],
+                     obj["LastModified"].timestamp(), 0o600, pax=pax)
+        done += got["ContentLength"]
+        if time.time() - last > 10:
+            last = time.time()
+            progress("  bucket: %d/%d objects, %s" % (i + 1, len(objects), human(done)))
+    counts["bucket_objects"] = len(objects)
+    progress("  bucket %s: %d objects, %s (%s)" % (bucket, len(objects), human(done), _took(t)))
+    # 3. folders: Metaflow's local metadata, task logs, flows and DAGs.
+    for name, root in VOLUMES.items():
+        t = time.time()
+        n, size = w.add_tree("volumes/" + name, root)
+        counts[name + "_files"] = n
+        progress("  volume %s: %d files, %s (%s)" % (name, n, human(size), _took(t)))
+    for d in ("flows", "dags"):
+        n, size = w.add_tree("data/" + d, DATA_DIR / d)
+        counts[d + "_files"] = n
+        progress("  %s folder: %d files, %s" % (d, n, human(size)))
+    # 4. what `fab deploy` generated once and must never generate again.
+    for rel in CONFIG_FILES:
+        p = INSTALL_DIR / rel
+        if p.is_file():
+            w.add_file("config/" + rel.replace("state/", ""), p)
+    progress("  configuration: secrets, certificate, deploy record")
+    return counts
+
+
+def _version(dist):
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _took(t0):
+    s = time.time() - t0
+    return "%.1f s" % s if s < 60 else "%dm%02ds" % divmod(int(s), 60)
+
+
+# ---------------------------------------------------------------------------
+# Restore
+# ---------------------------------------------------------------------------
+
+
+def schema_problems(manifest) -> list:
+    """Why this Airflow cannot take the backup's database: its schema is newer
+    than the migrations this image knows (a backup from a newer version)."""
+    rev = (manifest.get("schema") or {}).get("airflow")
+    if not rev:
+        return []
+    from alembic.script import ScriptDirectory
+    from airflow.utils.db import _get_alembic_config
+
+    script = ScriptDirectory.from_config(_get_alembic_config())
+    try:
+        known = script.get_revision(rev) is not None
+    except Exception:  # noqa: BLE001 - alembic raises several kinds for unknown ids
+        known = False
+    if known:
+        return []
+    return ["the backup's Airflow database is at schema revision %s (Airflow %s), which this "
+            "image's Airflow %s does not know: it is newer. Restore with images at least as new "
+            "as the backup's (%s)" % (rev, manifest.get("airflow_version"),
+                                      _version("apache-airflow"),
+                                      ", ".join(sorted((manifest.get("images") or {}).values()))
+                                      or "see its manifest")]
+
+
+def restore(path, only=None, check_only=False, progress=print) -> dict:
+    """Loads the archive into the stack: the databases (replaced), the
+    bucket's objects, the volumes and folders (replaced). The postgres service
+    and the object store must run; Airflow must not. `only` limits it to some
+    parts (e.g. {"postgres"} for an upgrade's rollback)."""
+    from . import health
+
+    t0 = time.time()
+    progress("checking %s (every file's checksum) ..." % path)
+    manifest = verify(path)
+    problems = schema_problems(manifest)
+    if problems:
+        raise BackupError("; ".join(problems))
+    progress("  ok: %d files, made %s by metaflow-services %s (Airflow %s)"
+             % (len(manifest["members"]), manifest["created_at"],
+                manifest["metaflow_services_version"], manifest["airflow_version"]))
+    if check_only:
+        return manifest
+    parts = set(only or ("postgres", "bucket", "volumes", "data"))
+    pg = _postgres_container() if "postgres" in parts else None
+    s3, bucket = (health.s3_client(), health.bucket_name()) if "bucket" in parts else (None, None)
+    if s3 is not None:
+        check = health.check_object_store(ensure_bucket=True)
+        if not check.ok:
+            raise BackupError(check.detail)
+    stage = Path(path).parent / (".restore-%d" % os.getpid())
+    stage.mkdir(mode=0o700, exist_ok=True)
+    cleared = set()
+    n_objects = 0
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                top, _, rest = m.name.partition("/")
+                if top == "postgres" and pg is not None:
+                    _restore_db(tar, m, pg, stage, progress)
+                elif top == "bucket" and s3 is not None and m.isfile():
+                    _restore_object(tar, m, s3, bucket)
+                    n_objects += 1
+                    if n_objects % 1000 == 0:
+                        progress("  bucket: %d objects ..." % n_objects)
+                elif top in ("volumes", "data") and top in parts:
+                    name, _, sub = rest.partition("/")
+                    root = VOLUMES.get(name) if top == "volumes" else DATA_DIR / name
+                    if root is None or not sub:
+                        continue
+                    if root not in cleared:
+                        _clear(root)
+                        cleared.add(root)
+                        progress("  %s %s: replacing" % (top[:-1] if top == "volumes" else "folder",
+                                                         name))
+                    m.name = sub
+                    _extract(tar, m, root)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if s3 is not None:
+        progress("  bucket %s: %d objects" % (bucket, n_objects))
+    progress("restored %s in %s" % (", ".join(sorted(parts)), _took(t0)))
+    return manifest
+
+
+def _restore_db(tar, m, pg, stage, progress):
+    db = Path(m.name).stem
+    t = time.time()
+    dump = stage / Path(m.name).name
+    with tar.extractfile(m) as src, open(dump, "wb") as dst:
+        shutil.copyfileobj(src, dst, CHUNK)
+    # Replaced, not merged: a database an upgrade migrated must go back whole.
+    _pg(pg, "psql -X -v ON_ERROR_STOP=1 -d postgres "
+            "-c 'DROP DATABASE IF EXISTS %s WITH (FORCE)' -c 'CREATE DATABASE %s OWNER %s'"
+        % (db, db, db), "recreating database %s" % db)
+    _pg(pg, "pg_restore --exit-on-error --no-owner --no-acl --role=%s -d %s /backups/%s/%s"
+        % (db, db, stage.name, dump.name), "pg_restore of %s" % db)
+    dump.unlink()
+    progress("  postgres: %s restored (%s)" % (db, _took(t)))
+
+
+def _restore_object(tar, m, s3, bucket):
+    meta = {k[len(PAX_META):]: v for k, v in m.pax_headers.items() if k.startswith(PAX_META)}
+    extra = {"Metadata": meta} if meta else {}
+    if PAX_TYPE in m.pax_headers:
+        extra["ContentType"] = m.pax_headers[PAX_TYPE]
+    with tar.extractfile(m) as f:
+        s3.upload_fileobj(f, bucket, m.name[len("bucket/"):], ExtraArgs=extra or None)
+
+
+def _extract(tar, m, root):
+    # Names were checked by verify(); owners and modes are the stack's own.
+    kw = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+    tar.extract(m, root, numeric_owner=True, **kw)
+
+
+def _clear(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    for p in root.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+def add_parser(sub):
+    b = sub.add_parser("backup", help="Back up the whole platform into one archive.",
+                       description="Run in the stack's maintenance container (fab backup does).")
+    b.add_argument("--out-dir", default=str(BACKUP_DIR))
+    b.set_defaults(func=cmd_backup)
+    r = sub.add_parser("restore", help="Load a backup archive into the stack.",
+                       description="Run in a one-off maintenance container while postgres and "
+                                   "the object store run and Airflow does not (fab restore "
+                                   "does).")
+    r.add_argument("archive")
+    r.add_argument("--only", action="append", choices=("postgres", "bucket", "volumes", "data"))
+    r.add_argument("--check", action="store_true",
+                   help="only verify checksums and schema; change nothing")
+    r.set_defaults(func=cmd_restore)
+    v = sub.add_parser("verify-backup", help="Check a backup archive's checksums.")
+    v.add_argument("archive")
+    v.set_defaults(func=cmd_verify)
+
+
+def _flush_print(line):
+    print(line, flush=True)
+
+
+def cmd_backup(args):
+    try:
+        path = create(Path(args.out_dir), progress=_flush_print)
+    except BackupError as e:
+        print("backup failed: %s" % e, file=sys.stderr)
+        return 1
+    print("BACKUP %s" % path)
+    return 0
+
+
+def cmd_restore(args):
+    try:
+        restore(args.archive, only=args.only, check_only=args.check, progress=_flush_print)
+    except BackupError as e:
+        print("restore refused: %s" % e, file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_verify(args):
+    try:
+        m = verify(args.archive)
+    except BackupError as e:
+        print("%s" % e, file=sys.stderr)
+        return 1
+    print(json.dumps({k: m[k] for k in ("created_at", "metaflow_services_version",
+                                        "airflow_version", "schema", "counts", "bytes")},
+                     indent=1, sort_keys=True))
+    return 0

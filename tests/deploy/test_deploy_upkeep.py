@@ -1,0 +1,316 @@
+"""Keeping a deployment over time, on the deployed test stack: retention,
+`fab backup`, `fab upgrade` (to a new Airflow image, and a failed one that
+rolls back), and `fab restore` onto a new bare VM after the old one is gone.
+
+Runs after test_deploy_stack*.py (file order) and ends with the VM replaced.
+The tests of this module run in order and share one backup.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+import textwrap
+import time
+import pytest
+
+from deploylab import CACHE, DATA_DIR, INSTALL_DIR, VM_IP, run
+from test_deploy_stack import assert_first_run_intact
+from test_deploy_stack import test_a_flow_dropped_into_the_stack_runs_through_airflow as run_check_flow
+
+from metaflow_services import backup as archive
+
+pytestmark = pytest.mark.deploy
+
+BACKUP_DIR = "/var/backups/metaflow-services"
+NEXT, BROKEN = "mfs-airflow:test-next", "mfs-airflow:test-broken"
+
+
+@pytest.fixture(scope="module")
+def stack(deployed, lab):
+    """The deployed stack with the check flow's run in it (when this module
+    runs alone, it runs the flow itself)."""
+    if "flow_run" not in lab.results:
+        run_check_flow(deployed, lab)
+    return lab
+
+
+def airflow_snapshot(lab):
+    """What must survive: every DAG's schedule and pause state, every run's
+    state, and one task log."""
+    api = lab.airflow()
+    base = "https://%s/api/v2" % VM_IP
+    dags = {d["dag_id"]: (d.get("timetable_summary"), d["is_paused"])
+            for d in api.get(base + "/dags", params={"limit": 100}, timeout=30).json()["dags"]}
+    runs = {}
+    for dag_id in dags:
+        for r in api.get(base + "/dags/%s/dagRuns" % dag_id, params={"limit": 100},
+                         timeout=30).json()["dag_runs"]:
+            runs[(dag_id, r["dag_run_id"])] = r["state"]
+    run_id, _ = lab.results["flow_run"]
+    log = api.get(base + "/dags/DeployCheckFlow/dagRuns/%s/taskInstances/join/logs/1" % run_id,
+                  params={"full_content": "true"}, headers={"Accept": "application/json"},
+                  timeout=60)
+    assert log.status_code == 200, log.text
+    return {"dags": dags, "runs": runs, "join_log": log.json()["content"]}
+
+
+def metadata_runs(lab):
+    """Metaflow's own record of the flow's runs (local metadata volume)."""
+    return set(lab.sh("docker run --rm -v metaflow-services-metaflow-local:/m mfs-airflow:test "
+                      "ls /m/.metaflow/DeployCheckFlow").split()) - {"_meta", "data"}
+
+
+# ---------------------------------------------------------------------------
+# Retention
+# ---------------------------------------------------------------------------
+
+
+def test_retention_prunes_old_task_logs_and_airflow_metadata(stack):
+    lab = stack
+    # Old and new task logs, as Airflow lays them out.
+    lab.compose("exec -T maintenance sh -ec '"
+                "d=/opt/airflow/logs/dag_id=Old/run_id=r1/task_id=t; mkdir -p $d; "
+                "head -c 200000 /dev/zero > $d/attempt=1.log; touch -d \"40 days ago\" $d/attempt=1.log; "
+                "n=/opt/airflow/logs/dag_id=New/run_id=r2/task_id=t; mkdir -p $n; echo fresh > $n/attempt=1.log'")
+    # An old finished smoke-test run in Airflow's database.
+    psql = "exec -T postgres psql -X -A -t -U postgres -d airflow -c "
+    smoke = lab.compose(psql + "\"SELECT run_id FROM dag_run WHERE dag_id = "
+                        "'metaflow_services_smoke_test' ORDER BY id LIMIT 1\"").strip()
+    assert smoke, "the deploy's smoke test left a run"
+    lab.compose(psql + "\"UPDATE dag_run SET start_date = now() - interval '200 days', "
+                "end_date = now() - interval '200 days' WHERE run_id = '%s'\"" % smoke)
+
+    res = lab.compose("exec -T maintenance metaflow-services maintain --once logs")
+    assert "task logs" in res
+    res = lab.compose("exec -T maintenance metaflow-services maintain --once metadata",
+                      timeout=900)
+    logs = lab.sh("find /var/lib/docker/volumes/metaflow-services-airflow-logs/_data -name "
+                  "'attempt=1.log'")
+    assert "dag_id=Old" not in logs and "dag_id=New" in logs
+    assert "dag_id=DeployCheckFlow" in logs            # the recent run's logs stay
+    left = lab.compose(psql + "\"SELECT count(*) FROM dag_run WHERE run_id = '%s'\"" % smoke)
+    assert left.strip() == "0", res
+    assert_first_run_intact(lab)                       # recent runs stay
+    # Docker's own logs are bounded for every container of the stack.
+    opts = lab.sh("docker inspect --format '{{.HostConfig.LogConfig.Type}} "
+                  "{{index .HostConfig.LogConfig.Config \"max-size\"}} "
+                  "{{index .HostConfig.LogConfig.Config \"max-file\"}}' $(docker ps -q)")
+    assert set(opts.strip().splitlines()) == {"json-file 10m 5"}
+
+
+# ---------------------------------------------------------------------------
+# Backup
+# ---------------------------------------------------------------------------
+
+
+def test_status_warns_until_there_is_a_backup(stack):
+    res = stack.fab("status")
+    assert "no backup on the VM yet" in res.output, str(res)
+
+
+def test_backup_writes_one_checked_archive_and_copies_it_here(stack, tmp_path_factory):
+    lab = stack
+    lab.results["before_backup"] = airflow_snapshot(lab)
+    lab.results["metaflow_runs"] = metadata_runs(lab)
+    here = tmp_path_factory.mktemp("backups")
+    res = lab.fab("backup", "--to", str(here))
+    assert res.returncode == 0, str(res)
+    out = res.output
+    for part in ("postgres: airflow", "bucket metaflow:", "volume metaflow-local:",
+                 "volume airflow-logs:", "flows folder:", "configuration: secrets",
+                 "backup written:", "checksum matches"):
+        assert part in out, part
+    # Never the secrets' values, though the archive holds them.
+    for name in ("MFS_POSTGRES_PASSWORD", "MFS_S3_SECRET_KEY", "MFS_AIRFLOW_PASSWORD_ADMIN"):
+        assert lab.secret(name) not in out
+    on_vm = lab.sh("ls %s" % BACKUP_DIR).split()
+    assert len(on_vm) == 1 and on_vm[0].startswith(archive.PREFIX)
+    assert lab.sh("stat -c '%%a %%U' %s %s/%s" % (BACKUP_DIR, BACKUP_DIR, on_vm[0])).split() == \
+        ["700", "root", "600", "root"]
+    local = here / on_vm[0]
+    assert stat.S_IMODE(local.stat().st_mode) == 0o600
+    manifest = archive.verify(local)
+    members = manifest["members"]
+    assert {"postgres/airflow.dump", "postgres/metaflow.dump", "config/secrets.env",
+            "config/deploy.json", "data/flows/deploy_check_flow.py"} <= set(members)
+    assert any(m.startswith("bucket/metaflow/DeployCheckFlow/") for m in members)
+    assert any(m.startswith("volumes/airflow-logs/dag_id=DeployCheckFlow/") for m in members)
+    assert manifest["schema"]["airflow"] and manifest["counts"]["dag_runs"] >= 2
+    assert manifest["images"]["airflow"] == "mfs-airflow:test"
+    lab.results["backup"] = local
+    res = lab.fab("status")
+    assert on_vm[0] in res.output and "no backup on the VM yet" not in res.output
+
+
+# ---------------------------------------------------------------------------
+# Restore refusals (before the VM is replaced)
+# ---------------------------------------------------------------------------
+
+
+def test_restore_refuses_a_corrupted_archive_without_touching_the_vm(stack, tmp_path):
+    import tarfile
+
+    lab = stack
+    good = lab.results["backup"]
+    bad = tmp_path / good.name
+    bad.write_bytes(good.read_bytes())
+    with tarfile.open(bad) as tar:
+        member = tar.getmember("postgres/airflow.dump")
+    with open(bad, "r+b") as f:
+        f.seek(member.offset_data + member.size // 2)
+        byte = f.read(1)
+        f.seek(member.offset_data + member.size // 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with lab.unchanged():
+        res = lab.fab("restore", str(bad), "--bundle", str(lab.bundle))
+    assert res.returncode == 1, str(res)
+    assert "restore refused" in res.output and "postgres/airflow.dump" in res.output
+    assert "nothing on the VM was touched" in res.output
+
+
+def test_restore_refuses_a_vm_that_has_a_deployment(stack):
+    lab = stack
+    with lab.unchanged():
+        res = lab.fab("restore", str(lab.results["backup"]))
+    assert res.returncode == 1, str(res)
+    assert "restore goes onto a fresh VM" in res.output
+    assert "fab -H %s destroy --volumes" % VM_IP in res.output
+
+
+# ---------------------------------------------------------------------------
+# Upgrade
+# ---------------------------------------------------------------------------
+
+
+BROKEN_AIRFLOW = r"""#!/bin/sh
+# A release whose migration changes the schema and then fails.
+if [ "$1 $2" = "db migrate" ]; then
+  /opt/venv/bin/airflow.real "$@" || exit $?
+  python3 -c "import os, psycopg; c = psycopg.connect(os.environ['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN'].replace('+psycopg', '')); c.execute('CREATE TABLE broken_upgrade_marker (x int)'); c.commit()"
+  echo 'simulated failure of a migration' >&2
+  exit 1
+fi
+exec /opt/venv/bin/airflow.real "$@"
+"""
+
+
+def build_release_images(lab):
+    """Two more builds of the Airflow image, as two releases would be: one
+    that works, one whose migration fails. Loaded onto the VM as a bundle
+    would load them."""
+    ctx = CACHE / "release-images"
+    ctx.mkdir(exist_ok=True)
+    (ctx / "airflow").write_text(BROKEN_AIRFLOW)
+    (ctx / "next.Dockerfile").write_text(
+        "FROM mfs-airflow:test\nLABEL org.metaflow-services.test-release=next\n")
+    (ctx / "broken.Dockerfile").write_text(textwrap.dedent("""\
+        FROM mfs-airflow:test
+        USER root
+        COPY airflow /tmp/airflow
+        RUN mv /opt/venv/bin/airflow /opt/venv/bin/airflow.real \\
+         && install -m 0755 /tmp/airflow /opt/venv/bin/airflow && rm /tmp/airflow
+        USER 50000:0
+        """))
+    for tag, df in ((NEXT, "next.Dockerfile"), (BROKEN, "broken.Dockerfile")):
+        proc = run(["docker", "build", "-q", "-t", tag, "-f", str(ctx / df), str(ctx)])
+        assert proc.returncode == 0, proc.stdout
+    tar = lab.vm.root / "var/tmp/releases.tar"
+    proc = run(["docker", "save", "-o", str(tar), NEXT, BROKEN])
+    assert proc.returncode == 0, proc.stdout
+    lab.sh("docker load -i /var/tmp/releases.tar && rm /var/tmp/releases.tar", timeout=900)
+
+
+def airflow_images(lab):
+    cs = lab.containers()
+    return {s: lab.sh("docker inspect --format '{{.Config.Image}}' %s" % c["id"]).strip()
+            for s, c in cs.items() if s.startswith("airflow-") or s in ("flow-watcher",
+                                                                           "maintenance")
+            and c["state"] == "running"}
+
+
+def test_upgrade_to_a_new_airflow_build(stack):
+    lab = stack
+    build_release_images(lab)
+    res = lab.fab("upgrade", "--set", "images.airflow=" + NEXT)
+    assert res.returncode == 0, str(res)
+    out = res.output
+    assert re.search(r"airflow +mfs-airflow:test -> %s" % NEXT, out)
+    assert "backup before the upgrade" in out and "smoke test" in out
+    assert len(lab.sh("ls %s" % BACKUP_DIR).split()) == 2        # one more, taken first
+    lab.wait_healthy(timeout=120)
+    assert set(airflow_images(lab).values()) == {NEXT}
+    assert_first_run_intact(lab)
+    res = lab.fab("upgrade", "--set", "images.airflow=" + NEXT)
+    assert res.returncode == 0 and "already at these versions" in res.output
+
+
+def test_a_failed_upgrade_rolls_back_images_and_database(stack):
+    lab = stack
+    res = lab.fab("upgrade", "--set", "images.airflow=" + BROKEN)
+    assert res.returncode == 1, str(res)
+    out = res.output
+    assert "airflow-init failed" in out
+    assert "rolled back: the stack runs the previous images again" in out
+    assert NEXT in out.split("rolled back")[-1]
+    lab.wait_healthy(timeout=120)
+    assert set(airflow_images(lab).values()) == {NEXT}
+    # The half-migrated database is gone: the one of the backup is back.
+    marker = lab.compose("exec -T postgres psql -X -A -t -U postgres -d airflow -c "
+                         "\"SELECT to_regclass('broken_upgrade_marker') IS NULL\"").strip()
+    assert marker == "t"
+    assert_first_run_intact(lab)
+    record = json.loads(lab.sh("cat %s/state/deploy.json" % INSTALL_DIR))
+    assert record["images"]["airflow"] == NEXT
+
+
+# ---------------------------------------------------------------------------
+# Restore onto a new VM
+# ---------------------------------------------------------------------------
+
+
+def test_restore_onto_a_new_bare_vm(stack):
+    lab = stack
+    before = lab.results["before_backup"]
+    # The old VM is gone (its disk too); a new bare one gets the same address.
+    lab.vm.destroy()
+    lab.vm.create()
+    lab.vm.network_up()
+    lab.vm.boot()
+    assert lab.vm.run("command -v docker", check=False).returncode != 0
+
+    res = lab.fab("restore", str(lab.results["backup"]), "--bundle", str(lab.bundle))
+    assert res.returncode == 0, str(res)
+    out = res.output
+    assert "no deployment and no data on the VM: a fresh VM" in out
+    assert "postgres: airflow restored" in out and "bucket metaflow:" in out
+    assert "ok   smoke-test" in out
+    lab.wait_healthy(timeout=120)
+
+    after = airflow_snapshot(lab)
+    for dag_id, (schedule, paused) in before["dags"].items():
+        assert after["dags"].get(dag_id) == (schedule, paused), dag_id
+    missing = {k: v for k, v in before["runs"].items() if after["runs"].get(k) != v}
+    assert not missing, missing
+    assert after["join_log"] == before["join_log"]
+    assert_first_run_intact(lab)                       # artifacts read back through S3
+    assert metadata_runs(lab) == lab.results["metaflow_runs"]
+    # The same secrets: the old password still logs in; the flows are back.
+    assert lab.airflow_token().status_code in (200, 201)
+    assert (lab.vm.root / DATA_DIR.lstrip("/") / "flows" / "deploy_check_flow.py").exists()
+
+    # And a new run works on the restored platform.
+    api = lab.airflow()
+    base = "https://%s/api/v2/dags/DeployCheckFlow" % VM_IP
+    run_id = "after-restore-%d" % time.time()
+    api.post(base + "/dagRuns", json={"logical_date": None, "dag_run_id": run_id,
+                                      "conf": {"n": 2}}, timeout=30).raise_for_status()
+    deadline = time.time() + 600
+    while True:
+        state = api.get(base + "/dagRuns/" + run_id, timeout=30).json()["state"]
+        if state in ("success", "failed"):
+            break
+        assert time.time() < deadline, "still %s" % state
+        time.sleep(3)
+    assert state == "success"
