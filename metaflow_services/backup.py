@@ -257,11 +257,14 @@ def _sql(container, db, query):
                "a query on %s" % db).strip()
 
 
+def _database_exists(container, db) -> bool:
+    return bool(_sql(container, "postgres", "SELECT 1 FROM pg_database WHERE datname='%s'" % db))
+
+
 def schema_revisions(container) -> dict:
     revs = {}
     for db in DATABASES:
-        exists = _sql(container, "postgres", "SELECT 1 FROM pg_database WHERE datname='%s'" % db)
-        if not exists:
+        if not _database_exists(container, db):
             revs[db] = None
             continue
         if db == "airflow":
@@ -321,8 +324,7 @@ def create(out_dir: Path = BACKUP_DIR, progress=print) -> Path:
     s3, bucket = health.s3_client(), health.bucket_name()
     objects = list(_bucket_objects(s3, bucket))
     db_sizes = {db: int(_sql(pg, "postgres", "SELECT pg_database_size('%s')" % db) or 0)
-                for db in DATABASES if revisions.get(db) is not None or _sql(
-                    pg, "postgres", "SELECT 1 FROM pg_database WHERE datname='%s'" % db)}
+                for db in DATABASES if _database_exists(pg, db)}
     estimate = (sum(db_sizes.values()) + sum(o["Size"] for o in objects)
                 + sum(_tree_size(p) for p in VOLUMES.values())
                 + sum(_tree_size(DATA_DIR / d) for d in ("flows", "dags")))

@@ -35,6 +35,12 @@ def main(argv=None):
     from .watcher import add_parser as add_watch_parser
 
     add_watch_parser(sub)
+    from .maintenance import add_parser as add_maintain_parser
+    add_maintain_parser(sub)
+
+    from .backup import add_parser as add_backup_parser
+
+    add_backup_parser(sub)
 
     i = sub.add_parser("images", help="List the step environment images on this host.",
                        description="Images built for @pypi/@conda/requirements.txt step "
