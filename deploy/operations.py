@@ -50,8 +50,8 @@ def run_backup(d: Deployment) -> str:
     the VM. Its progress lines stream to the terminal."""
     res = d.r.run(cmd.compose(d.dir, "exec -T maintenance metaflow-services backup"),
                   hide=False, what="the backup", timeout=24 * 3600)
-    name = next((line.split()[-1] for line in res.stdout.splitlines()
-                 if line.startswith("BACKUP ")), None)
+    name = next((line.split()[2] for line in res.stdout.splitlines()
+                 if line.startswith("backup written: ")), None)
     if not name:
         raise DeployError("the backup did not say where it wrote the archive",
                           "see: fab -H %s logs maintenance" % d.r.host)
@@ -151,11 +151,12 @@ def backup(c, to="", config=None, verbose=False):
         path = run_backup(d)
         size = int(r.stdout("stat -c %%s %s" % cmd.q(path), what="reading its size"))
         out.ok("%s (%s) in %s" % (path, archive.human(size), _duration(time.time() - t0)))
+    local = None
     if target is not None:
         out.step("copy to this workstation")
-        download(d, path, target)
+        local = download(d, path, target)
     out.stream.write("\nRestore it onto a fresh VM with: fab -H NEWHOST restore %s\n"
-                     % (target if target else "ARCHIVE (copy it off the VM: fab backup --to DIR)"))
+                     % (local or "ARCHIVE (copy it off the VM first: fab backup --to DIR)"))
 
 
 # ---------------------------------------------------------------------------

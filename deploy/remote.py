@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shlex
 import socket
 import sys
@@ -162,7 +163,12 @@ class _Indented:
 
 
 def _tail(text, n=3):
-    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    lines = []
+    for ln in (text or "").strip().splitlines():
+        # Compose repeats an error once per dependent container.
+        ln = re.sub(r"^Container \S+\s+", "", ln.strip())
+        if ln and ln not in lines:
+            lines.append(ln)
     return " | ".join(lines[-n:])
 
 

@@ -357,7 +357,7 @@ def create(out_dir: Path = BACKUP_DIR, progress=print) -> Path:
             pass
         partial.unlink(missing_ok=True)
         raise
-    progress("backup written: %s (%s, %d files, %s)" % (final, human(final.stat().st_size),
+    progress("backup written: %s (%s, %d files, %s)" % (final.name, human(final.stat().st_size),
                                                        len(w.members), _took(t0)))
     return final
 
@@ -592,11 +592,10 @@ def _flush_print(line):
 
 def cmd_backup(args):
     try:
-        path = create(Path(args.out_dir), progress=_flush_print)
+        create(Path(args.out_dir), progress=_flush_print)
     except BackupError as e:
         print("backup failed: %s" % e, file=sys.stderr)
         return 1
-    print("BACKUP %s" % path)
     return 0
 
 
