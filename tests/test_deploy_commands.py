@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -375,3 +376,28 @@ def test_settings_env():
     assert values["COMPOSE_FILE"] == "compose.yaml"
     assert values["MFS_S3_INTERNAL_URL"] == "http://minio:9000"
     assert values["MFS_S3_UPSTREAM"] == "minio:9000"
+
+
+def test_status_warns_about_nearly_full_disks_once_each():
+    tasks = deploy_module("tasks")
+    df = ("/dev/vda1 41152736 37037462 4115274 91% /\n"          # 91% used
+          "/dev/vda1 41152736 37037462 4115274 91% /\n"          # the same file system again
+          "/dev/vdb 104857600 10485760 94371840 10% /srv\n"      # fine
+          "/dev/vdc 20971520 16777216 3145728 84% /var/backups\n")  # 3 GB free
+    warnings = tasks.disk_warnings(df)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("low disk on /: 91% used, 3.9 GB free")
+    assert warnings[1].startswith("low disk on /var/backups: 84% used, 3.0 GB free")
+    assert tasks.disk_warnings("/dev/vdb 104857600 10485760 94371840 10% /srv\n") == []
+
+
+def test_backup_options_are_checked():
+    for key, value, expected in (("backup.schedule", "2:30", "expected HH:MM"),
+                                 ("backup.schedule", "24:00", "expected HH:MM"),
+                                 ("backup.keep", "0", "at least 1"),
+                                 ("backup.dir", "/opt/metaflow-services", "an absolute path of its own"),
+                                 ("retention.task_logs_days", "-1", "0 (never) or more")):
+        with pytest.raises(config.ConfigError, match=r"%s.*%s" % (key.replace(".", r"\."),
+                                                                  re.escape(expected))):
+            opts(**{key: value})
+    assert opts(**{"backup.schedule": "02:30"}).backup.schedule == "02:30"

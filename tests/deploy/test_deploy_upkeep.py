@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 import pytest
 
-from deploylab import CACHE, DATA_DIR, INSTALL_DIR, VM_IP, run
+from deploylab import CACHE, DATA_DIR, INSTALL_DIR, VM_IP, _timed, run
 from test_deploy_stack import assert_first_run_intact
 from test_deploy_stack import test_a_flow_dropped_into_the_stack_runs_through_airflow as run_check_flow
 
@@ -130,7 +130,8 @@ def test_backup_writes_one_checked_archive_and_copies_it_here(stack, tmp_path_fa
     lab.results["before_backup"] = airflow_snapshot(lab)
     lab.results["metaflow_runs"] = metadata_runs(lab)
     here = tmp_path_factory.mktemp("backups")
-    res = lab.fab("backup", "--to", str(here))
+    with _timed("fab backup --to (small stack)"):
+        res = lab.fab("backup", "--to", str(here))
     (CACHE / "backup.log").write_text(str(res))
     assert res.returncode == 0, str(res)
     out = res.output
@@ -250,7 +251,8 @@ def airflow_images(lab):
 def test_upgrade_to_a_new_airflow_build(stack):
     lab = stack
     build_release_images(lab)
-    res = lab.fab("upgrade", "--set", "images.airflow=" + NEXT)
+    with _timed("fab upgrade (Airflow image)"):
+        res = lab.fab("upgrade", "--set", "images.airflow=" + NEXT)
     (CACHE / "upgrade.log").write_text(str(res))
     assert res.returncode == 0, str(res)
     out = res.output
@@ -266,7 +268,8 @@ def test_upgrade_to_a_new_airflow_build(stack):
 
 def test_a_failed_upgrade_rolls_back_images_and_database(stack):
     lab = stack
-    res = lab.fab("upgrade", "--set", "images.airflow=" + BROKEN)
+    with _timed("fab upgrade, failed and rolled back"):
+        res = lab.fab("upgrade", "--set", "images.airflow=" + BROKEN)
     (CACHE / "upgrade-rollback.log").write_text(str(res))
     assert res.returncode == 1, str(res)
     out = res.output
@@ -300,7 +303,8 @@ def test_restore_onto_a_new_bare_vm(stack):
     lab.vm.boot()
     assert lab.vm.run("command -v docker", check=False).returncode != 0
 
-    res = lab.fab("restore", str(lab.results["backup"]), "--bundle", str(lab.bundle))
+    with _timed("fab restore onto a bare VM (bundle)"):
+        res = lab.fab("restore", str(lab.results["backup"]), "--bundle", str(lab.bundle))
     (CACHE / "restore.log").write_text(str(res))
     assert res.returncode == 0, str(res)
     out = res.output
