@@ -120,7 +120,7 @@ def make(o: Options, output: Path, out) -> dict:
                                 "executor": o.executor},
                     "images": entries}
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        sums = ["%s  %s" % (_sha256(work / n), n) for n in ("manifest.json", "images.tar.gz")]
+        sums = ["%s  %s" % (sha256_of(work / n), n) for n in ("manifest.json", "images.tar.gz")]
         (work / "SHA256SUMS").write_text("\n".join(sums) + "\n")
         tmp = output.with_name(output.name + ".tmp")
         with tarfile.open(tmp, "w") as tar:
@@ -135,7 +135,7 @@ def make(o: Options, output: Path, out) -> dict:
     return manifest
 
 
-def _sha256(path, chunk=1 << 20):
+def sha256_of(path, chunk=1 << 20):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):

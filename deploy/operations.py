@@ -16,7 +16,6 @@ this workstation, and, for restore and upgrade, wrap a deploy around it:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
@@ -35,14 +34,6 @@ from .remote import DeployError, Out, Remote, boundary
 from .tasks import COMMON_HELP, Deployment, _connect, _duration, _set_flags, _state, _version_tuple
 
 IN_CONTAINER = "/backups"
-
-
-def _sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run_backup(d: Deployment) -> str:
@@ -79,7 +70,7 @@ def download(d: Deployment, remote_path, local: Path):
         if src != remote_path:
             r.run("rm -f %s" % cmd.q(src), warn=True)
     os.chmod(local, 0o600)
-    if _sha256(local) != want:
+    if bundle_mod.sha256_of(local) != want:
         local.unlink()
         raise DeployError("the copy of %s arrived damaged (checksum differs); removed it"
                           % remote_path, "run fab backup --to again")

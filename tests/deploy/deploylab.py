@@ -239,6 +239,24 @@ class Lab:
         s.headers["Authorization"] = "Bearer " + r.json()["access_token"]
         return s
 
+    def run_dag(self, dag_id, conf, run_id=None, timeout=900):
+        """Triggers a run through the REST API and waits for it to finish:
+        (run id, final state, its task instances as text for messages)."""
+        api = self.airflow()
+        base = "https://%s/api/v2/dags/%s" % (VM_IP, dag_id)
+        run_id = run_id or "test-%d" % (time.time() * 1000)
+        api.post(base + "/dagRuns", json={"logical_date": None, "dag_run_id": run_id,
+                                          "conf": conf}, timeout=30).raise_for_status()
+        deadline = time.time() + timeout
+        while True:
+            state = api.get(base + "/dagRuns/" + run_id, timeout=30).json()["state"]
+            if state in ("success", "failed"):
+                break
+            assert time.time() < deadline, "run %s of %s still %s" % (run_id, dag_id, state)
+            time.sleep(3)
+        return run_id, state, api.get(base + "/dagRuns/%s/taskInstances" % run_id,
+                                      timeout=30).text
+
     def s3(self):
         import boto3
         from botocore.config import Config

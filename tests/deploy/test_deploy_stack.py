@@ -156,17 +156,8 @@ def test_a_flow_dropped_into_the_stack_runs_through_airflow(deployed, lab):
         assert time.time() < deadline, api.get("https://%s/api/v2/importErrors" % VM_IP).text
         time.sleep(2)
     api.patch(base, json={"is_paused": False}, timeout=30).raise_for_status()
-    run_id = "deploy-test-%d" % time.time()
-    api.post(base + "/dagRuns", json={"logical_date": None, "dag_run_id": run_id,
-                                      "conf": {"n": 4}}, timeout=30).raise_for_status()
-    deadline = time.time() + 900
-    while True:
-        state = api.get(base + "/dagRuns/" + run_id, timeout=30).json()["state"]
-        if state in ("success", "failed"):
-            break
-        assert time.time() < deadline, "still %s" % state
-        time.sleep(3)
-    tis = api.get(base + "/dagRuns/%s/taskInstances" % run_id, timeout=30).json()
+    run_id, state, tis = lab.run_dag("DeployCheckFlow", {"n": 4},
+                                     run_id="deploy-test-%d" % time.time())
     assert state == "success", tis
 
     # The run's artifacts are in the object store (read through the proxy).

@@ -112,16 +112,8 @@ def run_message(lab, api, dag_id, who):
 
     from metaflow_services.spec import run_id_for
 
-    base = "https://%s/api/v2/dags/%s" % (VM_IP, dag_id)
-    run_id = "flows-test-%d" % (time.time() * 1000)
-    api.post(base + "/dagRuns", json={"logical_date": None, "dag_run_id": run_id,
-                                      "conf": {"who": who}}, timeout=30).raise_for_status()
-    def finished():
-        state = api.get(base + "/dagRuns/" + run_id, timeout=30).json()["state"]
-        return state if state in ("success", "failed") else None
-
-    state = wait("the run of %s" % dag_id, finished, 600, 3)
-    assert state == "success", api.get(base + "/dagRuns/%s/taskInstances" % run_id).text
+    run_id, state, tis = lab.run_dag(dag_id, {"who": who}, timeout=600)
+    assert state == "success", tis
     mf_run = run_id_for(dag_id, run_id)
     s3 = lab.s3()
     data = json.loads(s3.get_object(Bucket="metaflow", Key="metaflow/%s/%s/start/t-0/0.data.json"

@@ -12,7 +12,6 @@ import json
 import re
 import stat
 import textwrap
-import time
 from contextlib import contextmanager
 import pytest
 
@@ -326,16 +325,5 @@ def test_restore_onto_a_new_bare_vm(stack):
     assert (lab.vm.root / DATA_DIR.lstrip("/") / "flows" / "deploy_check_flow.py").exists()
 
     # And a new run works on the restored platform.
-    api = lab.airflow()
-    base = "https://%s/api/v2/dags/DeployCheckFlow" % VM_IP
-    run_id = "after-restore-%d" % time.time()
-    api.post(base + "/dagRuns", json={"logical_date": None, "dag_run_id": run_id,
-                                      "conf": {"n": 2}}, timeout=30).raise_for_status()
-    deadline = time.time() + 600
-    while True:
-        state = api.get(base + "/dagRuns/" + run_id, timeout=30).json()["state"]
-        if state in ("success", "failed"):
-            break
-        assert time.time() < deadline, "still %s" % state
-        time.sleep(3)
-    assert state == "success"
+    _, state, tis = lab.run_dag("DeployCheckFlow", {"n": 2}, timeout=600)
+    assert state == "success", tis
