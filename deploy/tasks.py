@@ -835,7 +835,8 @@ def destroy(c, volumes=False, yes=False, config=None, verbose=False):
     except DeployError:
         pass  # no record (a failed first deploy): the options given here say what to remove
     what = ("the stack's containers and network on %s, and ALL ITS DATA: volumes %s, %s "
-            "(secrets included) and %s" % (r.host, ", ".join(d.volumes()), d.dir, o.data_dir)
+            "(secrets included) and %s (kept: the backups in %s)"
+            % (r.host, ", ".join(d.volumes()), d.dir, o.data_dir, o.backup.dir)
             if volumes else
             "the stack's containers, network and files on %s (kept: the data volumes, "
             "%s/secrets.env and tls/, %s)" % (r.host, d.dir, o.data_dir))
