@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import stat
 import textwrap
+import time
 from contextlib import contextmanager
 import pytest
 
 from deploylab import CACHE, DATA_DIR, INSTALL_DIR, VM_IP, _timed, run
-from test_deploy_stack import assert_first_run_intact
+from test_deploy_stack import FLOW, assert_first_run_intact
 from test_deploy_stack import test_a_flow_dropped_into_the_stack_runs_through_airflow as run_check_flow
 
 from metaflow_services import backup as archive
@@ -33,6 +35,17 @@ def stack(deployed, lab):
     runs alone, it runs the flow itself)."""
     if "flow_run" not in lab.results:
         run_check_flow(deployed, lab)
+    # The flows tests' `push-flows --delete` removed the check flow's file:
+    # put it back, so its DAG is live in what is backed up and restored.
+    flows = lab.vm.root / DATA_DIR.lstrip("/") / "flows"
+    if not (flows / FLOW.name).exists():
+        shutil.copy(FLOW, flows / FLOW.name)
+        lab.sh("chown 0:metaflow %s/flows/%s" % (DATA_DIR, FLOW.name))
+        dag = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / "DeployCheckFlow.py"
+        deadline = time.time() + 120
+        while not dag.exists():
+            assert time.time() < deadline, lab.compose("logs --tail 50 flow-watcher")
+            time.sleep(1)
     return lab
 
 
@@ -68,6 +81,10 @@ def untouched(lab):
     changed = lab.sh("find %s -newer /tmp/.mfs-upkeep-marker" % dirs).split()
     assert changed == [], changed
     assert lab.containers() == before
+
+
+def flow_files(lab):
+    return set(lab.sh("cd %s/flows && find . -type f -printf '%%P\\n'" % DATA_DIR).split())
 
 
 def metadata_runs(lab):
@@ -124,6 +141,26 @@ def test_status_warns_until_there_is_a_backup(stack):
     assert "no backup on the VM yet" in res.output, str(res)
 
 
+def test_a_backup_that_does_not_fit_writes_nothing(stack):
+    """A backup folder on a nearly full disk (a 2 MB file system): refused
+    before anything is written, with the sizes."""
+    lab = stack
+    lab.sh("mkdir -p /mnt/tiny && mount -t tmpfs -o size=2m tmpfs /mnt/tiny")
+    try:
+        res = lab.deploy("--set", "backup.dir=/mnt/tiny/backups", "--smoke-test", "never")
+        assert res.returncode == 0, str(res)
+        res = lab.fab("backup")
+        assert res.returncode == 1, str(res)
+        assert re.search(r"not enough space in the backup folder: it needs about [\d.]+ MB, "
+                         r"[\d.]+ MB is free \(nothing was written\)", res.output), str(res)
+        # (The maintenance loop's own state file may be there.)
+        assert lab.sh("find /mnt/tiny/backups -mindepth 1 ! -name .maintenance.json") == ""
+    finally:
+        res = lab.deploy("--smoke-test", "never")
+        lab.sh("umount /mnt/tiny || true")
+    assert res.returncode == 0, str(res)
+
+
 def test_backup_writes_one_checked_archive_and_copies_it_here(stack, tmp_path_factory):
     lab = stack
     lab.results["before_backup"] = airflow_snapshot(lab)
@@ -150,7 +187,10 @@ def test_backup_writes_one_checked_archive_and_copies_it_here(stack, tmp_path_fa
     manifest = archive.verify(local)
     members = manifest["members"]
     assert {"postgres/airflow.dump", "postgres/metaflow.dump", "config/secrets.env",
-            "config/deploy.json", "data/flows/deploy_check_flow.py"} <= set(members)
+            "config/deploy.json"} <= set(members)
+    lab.results["flow_files"] = flow_files(lab)
+    assert {"data/flows/" + f for f in lab.results["flow_files"]} <= set(members)
+    assert "deploy_check_flow.py" in lab.results["flow_files"]
     assert any(m.startswith("bucket/metaflow/DeployCheckFlow/") for m in members)
     assert any(m.startswith("volumes/airflow-logs/dag_id=DeployCheckFlow/") for m in members)
     assert manifest["schema"]["airflow"]
@@ -322,8 +362,10 @@ def test_restore_onto_a_new_bare_vm(stack):
     assert metadata_runs(lab) == lab.results["metaflow_runs"]
     # The same secrets: the old password still logs in; the flows are back.
     assert lab.airflow_token().status_code in (200, 201)
-    assert (lab.vm.root / DATA_DIR.lstrip("/") / "flows" / "deploy_check_flow.py").exists()
+    assert flow_files(lab) == lab.results["flow_files"]
 
     # And a new run works on the restored platform.
+    lab.airflow().patch("https://%s/api/v2/dags/DeployCheckFlow" % VM_IP,
+                        json={"is_paused": False}, timeout=30).raise_for_status()
     _, state, tis = lab.run_dag("DeployCheckFlow", {"n": 2}, timeout=600)
     assert state == "success", tis
