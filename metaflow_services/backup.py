@@ -125,7 +125,7 @@ class Writer:
                             st.st_gid)
         return size
 
-    def add_tree(self, prefix, root: Path, progress=None):
+    def add_tree(self, prefix, root: Path):
         """Every file and folder below root (not root itself); symlinks as
         links. Returns (files, bytes)."""
         files, total = 0, 0
@@ -166,7 +166,7 @@ def _arc(prefix, root: Path, p: Path) -> str:
     return "%s/%s" % (prefix, p.relative_to(root).as_posix())
 
 
-def verify(path, progress=None) -> dict:
+def verify(path) -> dict:
     """Reads the whole archive and checks every file against the manifest.
     Returns the manifest; raises BackupError naming the first problem."""
     path = Path(path)
@@ -210,15 +210,6 @@ def verify(path, progress=None) -> dict:
 def _check_name(name, path):
     if name.startswith("/") or ".." in name.split("/"):
         raise BackupError("%s: unsafe path in the archive: %s" % (path, name))
-
-
-def read_manifest(path) -> dict:
-    """The manifest alone (no checksums verified): for quick listings."""
-    with tarfile.open(path, mode="r:") as tar:
-        for m in tar:
-            if m.name == MANIFEST:
-                return json.loads(tar.extractfile(m).read())
-    raise BackupError("%s has no manifest.json" % path)
 
 
 # ---------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from . import backup as archive
+
 ACTIONS = ("logs", "metadata", "backups")
 HOUR, DAY = 3600, 86400
 # How often each action runs at most (backups follow their own schedule).
@@ -41,8 +43,10 @@ EVERY = {"logs": HOUR, "metadata": DAY}
 # backup attempt per minute.
 RETRY_AFTER = 10 * 60
 STATE_FILE = ".maintenance.json"
-BACKUP_RE = re.compile(r"^metaflow-services-backup-(\d{8}T\d{6}Z)\.tar$")
-PARTIAL_GLOB = "metaflow-services-backup-*.partial"
+# The names backup.create() gives its archives (name_for) and partial files.
+BACKUP_RE = re.compile(r"^%s(\d{8}T\d{6}Z)%s$" % (re.escape(archive.PREFIX),
+                                                   re.escape(archive.SUFFIX)))
+PARTIAL_GLOB = "%s*%s.partial" % (archive.PREFIX, archive.SUFFIX)
 
 
 class SettingsError(ValueError):
@@ -190,7 +194,7 @@ def _rows_removed(output: str) -> dict:
 
 def backups(dir: Path) -> list[Path]:
     """The backups in dir, newest first (by the UTC time in their names)."""
-    found = [(m.group(1), p) for p in Path(dir).glob("metaflow-services-backup-*.tar")
+    found = [(m.group(1), p) for p in Path(dir).glob("%s*%s" % (archive.PREFIX, archive.SUFFIX))
              if (m := BACKUP_RE.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
 
