@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import pickle
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from deploylab import DATA_DIR, INSTALL_DIR, ONE_SHOTS, REPO, TIMINGS, VM_IP, VENV_BIN, fab_env
+from deploylab import DATA_DIR, INSTALL_DIR, ONE_SHOTS, TIMINGS, VM_IP, VENV_BIN, fab_env
 
 pytestmark = pytest.mark.deploy
 
@@ -132,22 +130,27 @@ def test_nothing_but_the_proxy_listens_on_the_network(deployed, lab):
             assert name == "metaflow-services-proxy-1", line
 
 
-def test_a_flow_dropped_into_the_stack_runs_through_airflow(deployed, lab):
-    """The foreach flow runs with step containers; its artifacts are in the
-    object store. (test_deploy_stack_flows.py: the flow-watcher in detail.)"""
+def drop_check_flow(lab):
+    """A user (member of the group "metaflow") copies the check flow onto the
+    VM, and the stack's flow-watcher compiles it into the dags folder. (The
+    file's owner becomes the runs' METAFLOW_USER: it must not be root.)"""
     from fabric import Connection
 
-    from metaflow_services.spec import run_id_for
-
-    # A user (member of the group "metaflow") copies the flow onto the VM...
     with Connection(VM_IP, user="deployer", connect_kwargs={"key_filename": str(lab.key)}) as c:
         c.put(str(FLOW), "%s/flows/deploy_check_flow.py" % DATA_DIR)
-    # ... and the stack's flow-watcher compiles it into the dags folder.
     dag_file = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / "DeployCheckFlow.py"
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while not dag_file.exists():
         assert time.time() < deadline, lab.compose("logs --tail 50 flow-watcher")
         time.sleep(1)
+
+
+def test_a_flow_dropped_into_the_stack_runs_through_airflow(deployed, lab):
+    """The foreach flow runs with step containers; its artifacts are in the
+    object store. (test_deploy_stack_flows.py: the flow-watcher in detail.)"""
+    from metaflow_services.spec import run_id_for
+
+    drop_check_flow(lab)
 
     api = lab.airflow()
     base = "https://%s/api/v2/dags/DeployCheckFlow" % VM_IP

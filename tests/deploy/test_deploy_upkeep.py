@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import stat
 import textwrap
-import time
 from contextlib import contextmanager
 import pytest
 
 from deploylab import CACHE, DATA_DIR, INSTALL_DIR, VM_IP, _timed, run
-from test_deploy_stack import FLOW, assert_first_run_intact
+from test_deploy_stack import FLOW, assert_first_run_intact, drop_check_flow
 from test_deploy_stack import test_a_flow_dropped_into_the_stack_runs_through_airflow as run_check_flow
 
 from metaflow_services import backup as archive
@@ -37,15 +35,8 @@ def stack(deployed, lab):
         run_check_flow(deployed, lab)
     # The flows tests' `push-flows --delete` removed the check flow's file:
     # put it back, so its DAG is live in what is backed up and restored.
-    flows = lab.vm.root / DATA_DIR.lstrip("/") / "flows"
-    if not (flows / FLOW.name).exists():
-        shutil.copy(FLOW, flows / FLOW.name)
-        lab.sh("chown 0:metaflow %s/flows/%s" % (DATA_DIR, FLOW.name))
-        dag = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / "DeployCheckFlow.py"
-        deadline = time.time() + 120
-        while not dag.exists():
-            assert time.time() < deadline, lab.compose("logs --tail 50 flow-watcher")
-            time.sleep(1)
+    if not (lab.vm.root / DATA_DIR.lstrip("/") / "flows" / FLOW.name).exists():
+        drop_check_flow(lab)
     return lab
 
 
