@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from metaflow import current
 from metaflow.exception import MetaflowException
 
-from . import __version__
+from . import __version__, routing
 from .spec import SPEC_VERSION, foreach_groups_root, render_dag_file, write_atomic
 
 # Step decorators that change *where* a step runs; one machine cannot honour them.
@@ -48,6 +48,7 @@ _REFUSED_FLOW_DECORATORS = {
 # environment (METAFLOW_INIT_<NAME>), see metaflow-on-airflow.md.
 _RESERVED_PARAMETER_NAMES = {"name", "cmd", "input", "index", "script"}
 
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _DAG_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,250}$")
 
 
@@ -159,7 +160,19 @@ def build_spec(obj, options: CompileOptions) -> dict:
     }
     _apply_step_images(flow_name, spec, options.step_images)
     _refuse_required_parameters_on_schedule(flow_name, spec)
+    _check_routes(flow_name, spec)
     return spec
+
+
+def _check_routes(flow_name, spec):
+    """Each step must have a queue that can hold it (the same check runs
+    when Airflow parses the DAG file: workers may be removed later)."""
+    try:
+        queues = routing.queues_from_env()
+        for name, step in spec["steps"].items():
+            routing.route(flow_name, name, step, queues)
+    except routing.RoutingError as e:
+        raise CompileError(str(e))
 
 
 def _topological(graph):
@@ -248,8 +261,20 @@ def _step_spec(flow_name, graph, node, options):
         "env": env,
         "resources": resources,
         "image": None,
+        "queue": _queue(flow_name, node.name, decos),
         "decorators": sorted(decos),
     }
+
+
+def _queue(flow_name, step_name, decos):
+    if "worker" not in decos:
+        return None
+    queue = decos["worker"].attributes.get("queue")
+    if not isinstance(queue, str) or not _QUEUE_RE.match(queue):
+        raise CompileError(
+            "Flow %s, step %s: @worker(queue=%r): a queue name is letters, digits, '.', "
+            "'_' or '-', for example @worker(queue=\"gpu\")." % (flow_name, step_name, queue))
+    return queue
 
 
 def _number(v):

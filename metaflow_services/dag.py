@@ -27,6 +27,7 @@ from airflow.sdk import (
     task_group,
 )
 
+from .routing import queues_from_env, route
 from .spec import SPEC_VERSION, normalize, run_id_for
 
 # A fixed, timezone-aware start date: Airflow 3 needs one for scheduled DAGs,
@@ -100,16 +101,17 @@ def build_dag(spec: dict) -> DAG:
         tags=tags,
         default_args={"owner": spec["user"]},
     )
+    queues = queues_from_env()  # worker VMs' queues; none on a single VM
     with dag:
         ops = {}
         groups = {}
         for name, step in spec["steps"].items():
             if step["group"] is None:
-                ops[name] = _operator(spec, name)
+                ops[name] = _operator(spec, name, queues)
             else:
                 groups.setdefault(step["group"], []).append(name)
         for foreach, members in groups.items():
-            _mapped_body(spec, foreach, members, ops)
+            _mapped_body(spec, foreach, members, ops, queues)
         for name, step in spec["steps"].items():
             for nxt in step["next"]:
                 if nxt != name:  # a recursive step loops inside its own task
@@ -117,7 +119,7 @@ def build_dag(spec: dict) -> DAG:
     return dag
 
 
-def _mapped_body(spec, foreach, members, ops):
+def _mapped_body(spec, foreach, members, ops, queues):
     group_id = "%s_splits" % foreach
     while group_id in spec["steps"]:
         group_id += "_"
@@ -127,14 +129,14 @@ def _mapped_body(spec, foreach, members, ops):
                         "(or range of splits)." % foreach)
     def body(mfs_group):
         for name in members:
-            ops[name] = _operator(spec, name, group=mfs_group)
+            ops[name] = _operator(spec, name, queues, group=mfs_group)
 
     body.expand(mfs_group=ops[foreach].output)
 
 
-def _operator(spec, name, group=None):
+def _operator(spec, name, queues, group=None):
     step = spec["steps"][name]
-    kwargs = {}
+    kwargs = route(spec["flow"]["name"], name, step, queues)
     if step["timeout_seconds"]:
         grace = int(os.environ.get("MFS_TIMEOUT_GRACE_SECONDS") or 60)
         # The bootstrap's own deadline (@timeout + grace) fires first; Airflow's

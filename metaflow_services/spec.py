@@ -24,7 +24,7 @@ Spec, version 1 (all keys always present)::
     steps             {name: {type, next, in, foreach_stack, foreach_param,
                        recursive, doc, max_user_code_retries, retries,
                        retry_delay_seconds, timeout_seconds, env, resources,
-                       image, decorators, group, environment: None |
+                       image, queue (@worker), decorators, group, environment: None |
                        {packages: [pip requirement], python, source}}}
     package           {sha, url, path, datastore, metadata, post_extract_env}
 
@@ -58,6 +58,7 @@ STEP_DEFAULTS = {
     "env": {},
     "resources": None,
     "image": None,
+    "queue": None,
     "decorators": [],
     "group": None,
     "environment": None,
