@@ -9,6 +9,8 @@
     fab -H root@vm.example.com backup --to backups/    # everything, into one archive
     fab -H root@new-vm restore backups/ARCHIVE.tar     # onto a fresh VM
     fab -H root@vm.example.com upgrade [--set images.airflow=REF]  # backup, migrate, or roll back
+    fab -H root@worker add-worker --main root@vm.example.com [--queue gpu]   # a worker VM
+    fab -H root@worker remove-worker --main root@vm.example.com            # drain, remove it
     fab bundle --output stack.tar              # images for VMs without registry access
 
 `fab --list` shows them; `fab --help deploy` the options of one. The options
@@ -17,9 +19,10 @@ docs/deploy.md is the manual.
 """
 
 from deploy.operations import backup, restore, upgrade
+from deploy.workers import add_worker, remove_worker
 from deploy.tasks import (bundle, client_config, deploy, destroy, images, logs, prune_images,
                           push_flows, secrets, start, status, stop, tunnel, unlock)
 
-__all__ = ["backup", "bundle", "client_config", "deploy", "destroy", "images", "logs",
-           "prune_images", "push_flows", "restore", "secrets", "start", "status", "stop",
-           "tunnel", "unlock", "upgrade"]
+__all__ = ["add_worker", "backup", "bundle", "client_config", "deploy", "destroy", "images",
+           "logs", "prune_images", "push_flows", "remove_worker", "restore", "secrets", "start",
+           "status", "stop", "tunnel", "unlock", "upgrade"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -24,14 +25,15 @@ from .config import Options
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = REPO / "compose"
 # Files of the stack uploaded to install_dir (paths relative to compose/).
-STACK_FILES = ("compose.yaml", "metaflow.yaml", "proxy/start.sh", "proxy/nginx.conf.template",
+STACK_FILES = ("compose.yaml", "metaflow.yaml", "worker.yaml", "proxy/start.sh",
+               "proxy/nginx.conf.template",
                "proxy/metaflow.conf.template", "airflow/Dockerfile", "step/Dockerfile")
 PROXY_FILES = ("proxy/start.sh", "proxy/nginx.conf.template", "proxy/metaflow.conf.template")
 # Sources that end up in the Airflow image (the project's wheel).
 PACKAGE_SOURCES = ("pyproject.toml", "metaflow_services", "metaflow_extensions")
 
 AIRFLOW_UID = 50000
-IMAGE_VAR_RE = re.compile(r"\$\{MFS_([A-Z_]+)_IMAGE:-([^}]+)\}")
+IMAGE_VAR_RE = re.compile(r"\$\{MFS_([A-Z_]+)_IMAGE:[-?]([^}]+)\}")
 
 
 @dataclass
@@ -59,21 +61,23 @@ def compose_files(o: Options):
     return ["compose.yaml"] + (["metaflow.yaml"] if o.metaflow_services else [])
 
 
-def profiles(o: Options):
-    return [o.object_store]
+def profiles(o: Options, workers=False):
+    return [o.object_store] + (["workers"] if workers else [])
 
 
-def services(o: Options) -> dict:
-    """The services `docker compose up` runs with these options."""
-    active_profiles = set(profiles(o))
-    out = {}
-    for fname in compose_files(o):
+def services(o: Options, workers=False, files=None) -> dict:
+    """The services `docker compose up` runs with these options (on the main
+    VM, with or without worker VMs; or files=["worker.yaml"] on a worker)."""
+    active_profiles = set(profiles(o, workers))
+    out, seen = {}, set()
+    for fname in files or compose_files(o):
         text = (COMPOSE_DIR / fname).read_text()
         data = _load_yaml(text) or {}
         for name, svc in (data.get("services") or {}).items():
             svc = svc or {}
-            if name in out:  # an override in metaflow.yaml
+            if name in seen:  # an override in metaflow.yaml
                 continue
+            seen.add(name)
             svc_profiles = set(svc.get("profiles") or ())
             if svc_profiles and not (svc_profiles & active_profiles):
                 continue
@@ -201,13 +205,15 @@ def sizing(o: Options, cores: int, memory_gb: float):
 
 def settings_env(o: Options, facts: dict) -> str:
     """The non-secret half of .env (the secrets are appended on the VM).
-    facts: docker_gid, cores, memory_gb, tls_sha (from the VM)."""
+    facts: docker_gid, cores, memory_gb, tls_sha (from the VM), workers (the
+    worker registry, state/workers.json)."""
     parallelism, parsing = sizing(o, facts["cores"], facts["memory_gb"])
+    workers = facts.get("workers") or {}
     s3_internal = {"seaweedfs": "seaweedfs:8333", "minio": "minio:9000"}[o.object_store]
     values = {
         "COMPOSE_PROJECT_NAME": o.project,
         "COMPOSE_FILE": ":".join(compose_files(o)),
-        "COMPOSE_PROFILES": ",".join(profiles(o)),
+        "COMPOSE_PROFILES": ",".join(profiles(o, bool(workers))),
         "MFS_DATA_DIR": o.data_dir,
         "MFS_PUBLIC_HOST": o.public_host,
         "MFS_AIRFLOW_URL": o.airflow_url,
@@ -236,6 +242,15 @@ def settings_env(o: Options, facts: dict) -> str:
         "MFS_PROXY_CONFIG_SHA": proxy_config_sha(),
         "MFS_TLS_SHA": facts["tls_sha"],
     }
+    if workers:
+        values.update({
+            "MFS_AIRFLOW_EXECUTOR": "LocalExecutor," + EDGE_EXECUTOR,
+            "MFS_EDGE_API_ENABLED": "True",
+            "MFS_WORKER_QUEUES": json.dumps(worker_queues(workers, facts, parallelism),
+                                            sort_keys=True, separators=(",", ":")),
+            # A dead worker VM's task is retried within ~2 minutes, not 5.
+            "MFS_TASK_HEARTBEAT_TIMEOUT": 120,
+        })
     for role, ref in images(o).items():
         values["MFS_%s_IMAGE" % role.upper()] = ref
     if o.images.airflow_base:
@@ -245,6 +260,67 @@ def settings_env(o: Options, facts: dict) -> str:
     lines = ["# Written by fab deploy (metaflow-services %s): the settings. Do not edit;"
              % __version__,
              "# change the deploy options and run fab deploy. The secrets follow."]
+    lines += ["%s=%s" % (k, v) for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Worker VMs (docs/workers.md)
+# ---------------------------------------------------------------------------
+
+EDGE_EXECUTOR = "airflow.providers.edge3.executors.EdgeExecutor"
+MAIN_WORKER = "main"  # the edge worker on the main VM (serves "default")
+
+
+def worker_queues(workers: dict, facts: dict, main_slots: int) -> dict:
+    """queue -> the largest machine serving it (what the router checks a
+    step's @resources against) and the machines' names."""
+    machines = dict(workers)
+    machines[MAIN_WORKER] = {"queues": ["default"], "cpu": facts["cores"],
+                             "memory": int(facts["memory_gb"] * 1024), "gpu": 0,
+                             "slots": main_slots}
+    out = {}
+    for name, w in sorted(machines.items()):
+        for q in w["queues"]:
+            cap = out.setdefault(q, {"cpu": 0, "memory": 0, "gpu": 0, "workers": []})
+            for k in ("cpu", "memory", "gpu"):
+                cap[k] = max(cap[k], w.get(k) or 0)
+            cap["workers"].append(name)
+    return out
+
+
+def worker_env(o: Options, main: dict, secrets: dict, worker: dict, images: dict,
+               docker_gid) -> str:
+    """The worker VM's .env (mode 0600): where the main VM is, the secrets a
+    worker needs (not the database passwords: it has no database), and what
+    this worker serves."""
+    host, ports = main["public_host"], main["ports"]
+    base = "https://%s" % host + ("" if ports["https"] == 443 else ":%d" % ports["https"])
+    values = {
+        "COMPOSE_PROJECT_NAME": o.project,
+        "COMPOSE_FILE": "worker.yaml",
+        "MFS_INSTALL_DIR": o.install_dir,
+        "MFS_MAIN_URL": base,
+        "MFS_MAIN_S3_URL": "https://%s:%d" % (host, ports["s3"]),
+        "MFS_BUCKET": main["bucket"],
+        "MFS_METADATA": "service" if main["metaflow_services"] else "local",
+        "MFS_MAIN_METADATA_URL": ("https://%s:%d/metadata" % (host, ports["metaflow"])
+                                  if main["metaflow_services"] else ""),
+        "MFS_WORKER_NAME": worker["name"],
+        "MFS_WORKER_QUEUES_LIST": ",".join(worker["queues"]),
+        "MFS_WORKER_SLOTS": worker["slots"],
+        "MFS_AIRFLOW_IMAGE": images["airflow"],
+        "MFS_STEP_IMAGE": images["step"],
+        "MFS_DOCKER_GID": docker_gid,
+        "MFS_DOCKER_LOG_MAX_SIZE": "%dm" % max(1, o.retention.docker_logs_mb // 5),
+        "MFS_AIRFLOW_JWT_SECRET": secrets["MFS_AIRFLOW_JWT_SECRET"],
+        "MFS_S3_ACCESS_KEY": secrets["MFS_S3_ACCESS_KEY"],
+        "MFS_S3_SECRET_KEY": secrets["MFS_S3_SECRET_KEY"],
+    }
+    if main["metaflow_services"]:
+        values["MFS_METAFLOW_API_KEY"] = secrets["MFS_METAFLOW_API_KEY"]
+    lines = ["# Written by fab add-worker (metaflow-services %s); mode 0600: it holds"
+             % __version__, "# secrets of the main VM. Run fab add-worker again to change it."]
     lines += ["%s=%s" % (k, v) for k, v in values.items()]
     return "\n".join(lines) + "\n"
 

@@ -38,6 +38,8 @@ MIN_ENGINE, MIN_COMPOSE = (25, 0), (2, 24)
 DATA_GROUP = "metaflow"
 DOCKER_ROOT = "/var/lib/docker"
 HEALTH_POLL = 3
+# The worker VMs of this main VM (fab add-worker), in install_dir.
+WORKERS_FILE = "state/workers.json"
 
 
 def _options(c, config, flags):
@@ -90,10 +92,20 @@ class Deployment:
         self.facts = {}
         self.image_ids = {}
         self.changed = False
+        self.workers = {}  # the worker VMs' registry (deploy/workers.py)
 
     @property
     def dir(self):
         return self.o.install_dir
+
+    def services(self):
+        return stack.services(self.o, workers=bool(self.workers))
+
+    def read_workers(self):
+        text = self.r.stdout(cmd.read_file(self.dir + "/" + WORKERS_FILE),
+                             what="reading the worker registry").strip()
+        self.workers = json.loads(text)["workers"] if text else {}
+        return self.workers
 
     def run(self, bundle_path=None, manifest=None):
         self.preflight()
@@ -148,6 +160,7 @@ class Deployment:
         paths = [DOCKER_ROOT, self.dir, self.o.data_dir]
         f = cmd.parse_facts(self.r.stdout(cmd.facts(paths, self.o.project), what="preflight"))
         self.facts = f
+        self.read_workers()
         problems = self.check_facts(f)
         if problems:
             raise DeployError("preflight refused (nothing was changed): " + "; ".join(problems),
@@ -335,7 +348,8 @@ class Deployment:
         f = self.facts
         env = stack.settings_env(self.o, {
             "docker_gid": f["docker_gid"], "cores": int(f.get("cores") or 1),
-            "memory_gb": int(f.get("mem_kb") or 0) / 1024 / 1024, "tls_sha": f["tls_sha"]})
+            "memory_gb": int(f.get("mem_kb") or 0) / 1024 / 1024, "tls_sha": f["tls_sha"],
+            "workers": self.workers})
         self.r.run(cmd.write_file(self.dir + "/settings.env", env, "0600"),
                    what="writing settings.env")
         res = self.r.stdout(cmd.assemble_env(self.dir), what="writing .env").strip()
@@ -360,9 +374,12 @@ class Deployment:
 
     # -- 4. images ----------------------------------------------------------------
 
+    def wanted_images(self):
+        return stack.images(self.o)
+
     def images(self, bundle_path=None, manifest=None):
         self.out.step("images")
-        wanted = stack.images(self.o)
+        wanted = self.wanted_images()
         ids = self.remote_image_ids(wanted.values())
         missing = [ref for ref in wanted.values() if ids.get(ref) == "missing"]
         if manifest is not None:
@@ -453,7 +470,7 @@ class Deployment:
     # -- 5. start ------------------------------------------------------------------
 
     def current_plan(self):
-        svcs = stack.services(self.o)
+        svcs = self.services()
         hashes = dict(line.split(" ", 1) for line in self.r.stdout(
             cmd.compose(self.dir, "config --hash '*'"), what="reading the stack's configuration"
         ).strip().splitlines() if " " in line)
@@ -486,7 +503,7 @@ class Deployment:
     def wait_healthy(self, timeout=None):
         self.out.step("waiting for every service to be healthy")
         timeout = timeout or self.o.health_timeout
-        svcs = stack.services(self.o)
+        svcs = self.services()
         t0 = time.time()
         last_report = ("", 0)
         while True:
@@ -740,6 +757,10 @@ def status(c, config=None, verbose=False):
     from . import operations
 
     warnings += operations.report_backups(d, out)
+    out.step("workers")
+    from . import workers as workers_mod
+
+    warnings += workers_mod.report(d, out)
     out.step("flows (%s/flows, compiled by the flow-watcher)" % o.data_dir)
     flows = flows_mod.read_state(r, o.data_dir)
     if flows:

@@ -41,6 +41,9 @@ def main(argv=None):
     from .backup import add_parser as add_backup_parser
 
     add_backup_parser(sub)
+    from .workers import add_parser as add_sync_parser
+
+    add_sync_parser(sub)
 
     i = sub.add_parser("images", help="List the step environment images on this host.",
                        description="Images built for @pypi/@conda/requirements.txt step "

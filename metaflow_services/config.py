@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 PASSTHROUGH_PREFIXES = ("METAFLOW_", "AWS_")
 # Worker-only variables that must never reach user code.
 PASSTHROUGH_EXCLUDE = ("METAFLOW_INIT_", "METAFLOW_EXTRACTED_ROOT")
+# The CA bundle of a worker VM (the main VM's certificate) for Metaflow's
+# metadata client (requests); boto3 reads AWS_CA_BUNDLE.
+PASSTHROUGH_NAMES = ("REQUESTS_CA_BUNDLE",)
 
 DEFAULT_CODE_CACHE_DIR = "/var/cache/metaflow-services/code"
 
@@ -107,7 +110,8 @@ def task_passthrough_env(environ=None) -> dict:
     return {
         k: v
         for k, v in env.items()
-        if k.startswith(PASSTHROUGH_PREFIXES) and not k.startswith(PASSTHROUGH_EXCLUDE)
+        if (k.startswith(PASSTHROUGH_PREFIXES) and not k.startswith(PASSTHROUGH_EXCLUDE))
+        or k in PASSTHROUGH_NAMES
     }
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -411,6 +413,8 @@ class StepRun:
             "MFS_AIRFLOW_MAP_INDEX": str(self.ti.map_index),
             "MFS_AIRFLOW_TRY_NUMBER": str(self.ti.try_number),
             "MFS_EXECUTOR": self.settings.executor,
+            # Which machine ran it: the edge worker's name on worker VMs.
+            "MFS_WORKER_NAME": os.environ.get("MFS_WORKER_NAME") or socket.gethostname(),
             # @pypi/@conda steps already run inside their environment's image.
             "MFS_PREBUILT_ENVIRONMENTS": "1",
         })

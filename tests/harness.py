@@ -166,6 +166,13 @@ class Postgres:
         subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
                         "-v", "ON_ERROR_STOP=1", "-c", sql], check=True, stdout=subprocess.DEVNULL)
 
+    def query(self, db, sql):
+        """Rows of a SELECT, as tuples of strings."""
+        out = subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                              "-d", db, "-v", "ON_ERROR_STOP=1", "-At", "-F", "\t", "-c", sql],
+                             check=True, stdout=subprocess.PIPE, text=True).stdout
+        return [tuple(line.split("\t")) for line in out.splitlines() if line]
+
     def url(self, db):
         return "postgresql+psycopg://postgres@127.0.0.1:%d/%s" % (self.port, db)
 
@@ -250,9 +257,9 @@ class Airflow:
     USER = "admin"
 
     def __init__(self, base: Path, postgres: Postgres, task_env: dict, max_map_length=8,
-                 db="airflow"):
-        self.home = base / "airflow"
-        self.dags = base / "dags"
+                 db="airflow", airflow_env=None):
+        self.home = base / ("airflow" if db == "airflow" else db)
+        self.dags = base / ("dags" if db == "airflow" else db + "-dags")
         self.db = db
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
@@ -260,6 +267,7 @@ class Airflow:
         self.postgres = postgres
         self.task_env = dict(task_env)
         self.max_map_length = max_map_length
+        self.airflow_env = dict(airflow_env or {})  # wins over the defaults below
         self.procs = {}
 
     def env(self, extra=None):
@@ -291,6 +299,7 @@ class Airflow:
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "PATH": "%s:%s" % (VENV_BIN, os.environ.get("PATH", "")),
         })
+        env.update(self.airflow_env)
         env.update(extra or {})
         return env
 

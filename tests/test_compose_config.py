@@ -28,7 +28,7 @@ LONG_RUNNING_AIRFLOW = ("airflow-api-server", "airflow-scheduler", "airflow-dag-
 FACTS = {"docker_gid": "988", "cores": 2, "memory_gb": 3.8, "tls_sha": "0123456789abcdef"}
 
 
-def render(tmp_path, **options):
+def render(tmp_path, workers=None, **options):
     o = config.Options(public_host="mfs.example.com")
     for k, v in options.items():
         config.set_option(o, k, v)
@@ -38,13 +38,13 @@ def render(tmp_path, **options):
         (d / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(stack.COMPOSE_DIR / rel, d / rel)
     secrets = {s.name: "%s-value" % s.name.lower() for s in stack.secrets(o)}
-    (d / ".env").write_text(stack.settings_env(o, FACTS) +
+    (d / ".env").write_text(stack.settings_env(o, dict(FACTS, workers=workers or {})) +
                             "".join("%s=%s\n" % kv for kv in secrets.items()))
     proc = subprocess.run(["docker", "compose", "config", "--format", "json"], cwd=str(d),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.returncode == 0, proc.stderr
     cfg = json.loads(proc.stdout)
-    assert set(cfg["services"]) == set(stack.services(o)), "deploy/stack.py reads the files " \
+    assert set(cfg["services"]) == set(stack.services(o, bool(workers))), "deploy/stack.py reads the files " \
                                                            "differently from compose"
     return o, secrets, cfg
 
@@ -258,3 +258,66 @@ def test_every_image_is_pinned(full):
     for name, svc in cfg["services"].items():
         image = svc["image"]
         assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), (name, image)
+
+
+VM1 = {"name": "vm1", "host": "root@10.0.0.7", "queues": ["default", "gpu"], "slots": 8,
+       "cpu": 8, "memory": 32000, "gpu": 1}
+
+
+def test_worker_vms_switch_the_main_vm_to_the_edge_executor(tmp_path, full):
+    _, _, single = full
+    sched = single["services"]["airflow-scheduler"]["environment"]
+    assert sched["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    assert sched["AIRFLOW__EDGE__API_ENABLED"] == "False" and sched["MFS_WORKER_QUEUES"] == ""
+    assert "edge-worker" not in single["services"]
+
+    o, _, cfg = render(tmp_path, workers={"vm1": VM1})
+    assert {"edge-worker", "worker-sync"} <= set(cfg["services"])
+    for name in ("airflow-scheduler", "airflow-dag-processor", "flow-watcher", "edge-worker"):
+        env = cfg["services"][name]["environment"]
+        assert env["AIRFLOW__CORE__EXECUTOR"] == (
+            "LocalExecutor,airflow.providers.edge3.executors.EdgeExecutor"), name
+        # The JSON survives .env and compose's interpolation intact.
+        assert json.loads(env["MFS_WORKER_QUEUES"]) == {
+            "default": {"cpu": 8, "memory": 32000, "gpu": 1, "workers": ["main", "vm1"]},
+            "gpu": {"cpu": 8, "memory": 32000, "gpu": 1, "workers": ["vm1"]}}, name
+    assert cfg["services"]["airflow-api-server"]["environment"]["AIRFLOW__EDGE__API_ENABLED"] == "True"
+    assert cfg["services"]["edge-worker"]["command"][:4] == ["airflow", "edge", "worker", "--queues"]
+    # Still only the proxy publishes ports: workers come in through it.
+    assert [n for n, svc in cfg["services"].items() if svc.get("ports")] == ["proxy"]
+
+
+def test_the_worker_stack_has_no_port_no_database_and_trusts_the_main_vm(tmp_path):
+    o = config.Options(public_host="mfs.example.com")
+    config.validate(o)
+    main = {"public_host": "mfs.example.com", "ports": {"https": 443, "s3": 9000, "metaflow": 8443},
+            "bucket": "metaflow", "metaflow_services": True}
+    secrets = {s.name: "%s-value" % s.name.lower() for s in stack.secrets(o)}
+    d = tmp_path / "worker"
+    d.mkdir()
+    shutil.copy(stack.COMPOSE_DIR / "worker.yaml", d / "worker.yaml")
+    images = {"airflow": "mfs/airflow:1", "step": "mfs/step:1"}
+    (d / ".env").write_text(stack.worker_env(o, main, secrets, VM1, images, "988"))
+    proc = subprocess.run(["docker", "compose", "config", "--format", "json"], cwd=str(d),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    assert set(cfg["services"]) == set(stack.services(o, files=["worker.yaml"])) == {
+        "edge-worker", "sync"}
+    env = cfg["services"]["edge-worker"]["environment"]
+    assert env["AIRFLOW__EDGE__API_URL"] == "https://mfs.example.com/edge_worker/v1/rpcapi"
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "https://mfs.example.com/execution/"
+    assert env["METAFLOW_S3_ENDPOINT_URL"] == "https://mfs.example.com:9000"
+    assert env["METAFLOW_SERVICE_URL"] == "https://mfs.example.com:8443/metadata"
+    assert env["MFS_WORKER_NAME"] == "vm1" and env["MFS_STEP_IMAGE"] == "mfs/step:1"
+    assert cfg["services"]["edge-worker"]["command"] == [
+        "airflow", "edge", "worker", "--queues", "default,gpu", "--concurrency", "8",
+        "--edge-hostname", "vm1"]
+    rendered = json.dumps(cfg)
+    for name in ("MFS_POSTGRES_PASSWORD", "MFS_AIRFLOW_DB_PASSWORD", "MFS_AIRFLOW_FERNET_KEY",
+                 "MFS_AIRFLOW_API_SECRET_KEY", "MFS_METAFLOW_UI_PASSWORD"):
+        assert secrets[name] not in rendered, "a worker needs no %s" % name
+    for name, svc in cfg["services"].items():
+        assert not svc.get("ports"), name
+        assert svc["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+        assert any(v["target"] == "/etc/mfs/main-ca.pem" for v in svc["volumes"]), name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ def test_one_parameters_task_and_run_tagged_with_airflow_ids(batch):
     assert meta["airflow-dag-id"] == "LinearFlow"
     assert meta["airflow-task-id"] == "start"
     assert meta["mfs-executor"] == batch.executor
+    assert meta["mfs-worker"] == socket.gethostname()  # the machine that ran it
 
 
 def test_logs_are_stored_and_streamed_to_airflow(batch):

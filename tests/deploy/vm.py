@@ -13,7 +13,9 @@ overlay mounts out of the host's mount table.
 Networking: a veth pair, 10.213.0.1 (host) <-> 10.213.0.2 (VM). The VM gets
 outbound access (apt must download docker.io from Debian) through NAT on the
 host for that /30 only; nothing else is routed. Tests only ever connect to
-10.213.0.2.
+10.213.0.2. A second VM (index 1, for worker tests) is 10.213.1.2 in its own
+namespace; it reaches the first VM's address through the host, as a second
+machine on the same network would.
 
 Nothing here is specific to the code under test: it is the "cloud provider".
 """
@@ -93,14 +95,27 @@ def _force_rmtree(path: Path):
 
 
 class BareVM:
-    """One VM: created from the image, booted, shut down, deleted."""
+    """One VM: created from the image, booted, shut down, deleted. Index 0
+    has the module's names and addresses; index N its own namespace, veth
+    pair and 10.213.N.0/30."""
 
-    def __init__(self, image: Path, root: Path, public_key: str):
+    def __init__(self, image: Path, root: Path, public_key: str, index: int = 0):
         self.image = image
         self.root = root
         self.public_key = public_key
         self.init = None          # the unshare process; its child is the VM's PID 1
         self.nat_rules = []
+        self.index = index
+        if index == 0:
+            self.netns, self.veth_host, self.veth_vm = NETNS, VETH_HOST, VETH_VM
+            self.host_ip, self.ip, self.subnet = HOST_IP, VM_IP, SUBNET
+            self.hostname = "mfs-vm"
+        else:
+            self.netns = "%s%d" % (NETNS, index)
+            self.veth_host, self.veth_vm = "mfsvm%d-h" % index, "mfsvm%d-v" % index
+            self.host_ip, self.ip = "10.213.%d.1" % index, "10.213.%d.2" % index
+            self.subnet = "10.213.%d.0/%d" % (index, PREFIX)
+            self.hostname = "mfs-vm%d" % index
 
     # -- life cycle -----------------------------------------------------------
 
@@ -110,8 +125,8 @@ class BareVM:
         self.root.mkdir(parents=True)
         sh("tar", "-C", str(self.root), "--numeric-owner", "-xpf", str(self.image))
         r = self.root
-        (r / "etc/hostname").write_text("mfs-vm\n")
-        (r / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 mfs-vm\n")
+        (r / "etc/hostname").write_text("%s\n" % self.hostname)
+        (r / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 %s\n" % self.hostname)
         shutil.copy("/etc/resolv.conf", r / "etc/resolv.conf")
         # root logs in with the key (as on most cloud images); "deployer" is
         # the usual admin user with passwordless sudo; "nosudo" has no sudo.
@@ -145,24 +160,17 @@ class BareVM:
 
     def network_up(self):
         self.network_down()
-        sh("ip", "netns", "add", NETNS)
-        sh("ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_VM)
-        sh("ip", "link", "set", VETH_VM, "netns", NETNS)
-        sh("ip", "addr", "add", "%s/%d" % (HOST_IP, PREFIX), "dev", VETH_HOST)
-        sh("ip", "link", "set", VETH_HOST, "up")
-        ns = ["ip", "netns", "exec", NETNS]
-        sh(*ns, "ip", "addr", "add", "%s/%d" % (VM_IP, PREFIX), "dev", VETH_VM)
-        sh(*ns, "ip", "link", "set", VETH_VM, "up")
+        sh("ip", "netns", "add", self.netns)
+        sh("ip", "link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_vm)
+        sh("ip", "link", "set", self.veth_vm, "netns", self.netns)
+        sh("ip", "addr", "add", "%s/%d" % (self.host_ip, PREFIX), "dev", self.veth_host)
+        sh("ip", "link", "set", self.veth_host, "up")
+        ns = ["ip", "netns", "exec", self.netns]
+        sh(*ns, "ip", "addr", "add", "%s/%d" % (self.ip, PREFIX), "dev", self.veth_vm)
+        sh(*ns, "ip", "link", "set", self.veth_vm, "up")
         sh(*ns, "ip", "link", "set", "lo", "up")
-        sh(*ns, "ip", "route", "add", "default", "via", HOST_IP)
-        # Outbound access for the VM's /30 only. FORWARD rules go first: the
-        # host's Docker sets the FORWARD policy to DROP.
-        self.nat_rules = [
-            ("nat", "POSTROUTING", ["-s", SUBNET, "!", "-o", VETH_HOST, "-j", "MASQUERADE"]),
-            ("filter", "FORWARD", ["-i", VETH_HOST, "-s", SUBNET, "-j", "ACCEPT"]),
-            ("filter", "FORWARD", ["-o", VETH_HOST, "-d", SUBNET, "-m", "conntrack",
-                                   "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"]),
-        ]
+        sh(*ns, "ip", "route", "add", "default", "via", self.host_ip)
+        self.nat_rules = self._rules()
         for table, chain, rule in self.nat_rules:
             sh("iptables", "-t", table, "-I", chain, "1", *rule)
         with open("/proc/sys/net/ipv4/ip_forward") as f:
@@ -170,20 +178,23 @@ class BareVM:
                 sh("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
 
     def network_down(self):
-        for table, chain, rule in self.nat_rules or self._default_rules():
+        for table, chain, rule in self.nat_rules or self._rules():
             while sh("iptables", "-t", table, "-D", chain, *rule, check=False,
                      capture=True).returncode == 0:
                 pass
         self.nat_rules = []
-        sh("ip", "link", "del", VETH_HOST, check=False, capture=True)
-        sh("ip", "netns", "del", NETNS, check=False, capture=True)
+        sh("ip", "link", "del", self.veth_host, check=False, capture=True)
+        sh("ip", "netns", "del", self.netns, check=False, capture=True)
 
-    @staticmethod
-    def _default_rules():
+    def _rules(self):
+        """Outbound access for the VM's /30 only (which includes the other
+        test VMs' addresses). FORWARD rules go first: the host's Docker sets
+        the FORWARD policy to DROP."""
         return [
-            ("nat", "POSTROUTING", ["-s", SUBNET, "!", "-o", VETH_HOST, "-j", "MASQUERADE"]),
-            ("filter", "FORWARD", ["-i", VETH_HOST, "-s", SUBNET, "-j", "ACCEPT"]),
-            ("filter", "FORWARD", ["-o", VETH_HOST, "-d", SUBNET, "-m", "conntrack",
+            ("nat", "POSTROUTING", ["-s", self.subnet, "!", "-o", self.veth_host,
+                                    "-j", "MASQUERADE"]),
+            ("filter", "FORWARD", ["-i", self.veth_host, "-s", self.subnet, "-j", "ACCEPT"]),
+            ("filter", "FORWARD", ["-o", self.veth_host, "-d", self.subnet, "-m", "conntrack",
                                    "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"]),
         ]
 
@@ -209,12 +220,12 @@ cd {r}
 pivot_root . run/oldroot
 umount -l /run/oldroot
 rmdir /run/oldroot
-echo mfs-vm > /proc/sys/kernel/hostname
+echo {self.hostname} > /proc/sys/kernel/hostname
 exec /usr/sbin/sshd -D -e
 """
         log = open(self.root.parent / ("%s.console.log" % self.root.name), "ab")
         self.init = subprocess.Popen(
-            ["nsenter", "--net=/run/netns/%s" % NETNS, "unshare", "--mount", "--pid", "--uts",
+            ["nsenter", "--net=/run/netns/%s" % self.netns, "unshare", "--mount", "--pid", "--uts",
              "--fork", "--kill-child", "--", "/bin/sh", "-c", boot],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             preexec_fn=_die_with_parent)
@@ -223,7 +234,7 @@ exec /usr/sbin/sshd -D -e
             if self.init.poll() is not None:
                 raise RuntimeError("the VM did not boot; see %s" % log.name)
             try:
-                with socket.create_connection((VM_IP, 22), timeout=1) as s:
+                with socket.create_connection((self.ip, 22), timeout=1) as s:
                     if s.recv(4).startswith(b"SSH"):
                         return
             except OSError:
@@ -254,12 +265,12 @@ exec /usr/sbin/sshd -D -e
 
     def in_netns(self, *argv, **kw):
         """A host program inside the VM's network namespace (e.g. `ss`)."""
-        return sh("ip", "netns", "exec", NETNS, *argv, **kw)
+        return sh("ip", "netns", "exec", self.netns, *argv, **kw)
 
     def in_netns_popen(self, argv):
         """A host program in the background inside the VM's network namespace
         (e.g. something that occupies a port)."""
-        return subprocess.Popen(["ip", "netns", "exec", NETNS, *argv], stdout=subprocess.DEVNULL,
+        return subprocess.Popen(["ip", "netns", "exec", self.netns, *argv], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
     def shutdown(self):
@@ -281,6 +292,16 @@ exec /usr/sbin/sshd -D -e
             except subprocess.TimeoutExpired:
                 os.killpg(self.init.pid, signal.SIGKILL)
                 self.init.wait()
+        self.init = None
+
+    def crash(self):
+        """Power loss: every process of the VM dies at once, Docker included
+        (shutdown() stops Docker cleanly first)."""
+        pid = self.pid1()
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        if self.init is not None:
+            self.init.wait(timeout=30)
         self.init = None
 
     def destroy(self):

@@ -17,7 +17,8 @@ RUN apt-get update -qq \
 # in its own layer, so a rebuilt project wheel reuses it.
 RUN python3 -m venv /opt/venv \
  && PIP_CERT=/etc/ssl/host-ca.crt /opt/venv/bin/pip install -q --no-cache-dir \
-      "apache-airflow==3.3.2" "metaflow==2.19.39" "docker>=7.1,<8" "psycopg[binary]>=3.1,<4" \
+      "apache-airflow==3.3.2" "apache-airflow-providers-edge3==5.1.0" "metaflow==2.19.39" \
+      "docker>=7.1,<8" "psycopg[binary]>=3.1,<4" \
       "boto3>=1.34,<2"
 COPY metaflow_services-*.whl /tmp/
 RUN PIP_CERT=/etc/ssl/host-ca.crt /opt/venv/bin/pip install -q --no-cache-dir \

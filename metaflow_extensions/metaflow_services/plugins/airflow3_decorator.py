@@ -23,6 +23,7 @@ _AIRFLOW_FIELDS = {
     "MFS_AIRFLOW_MAP_INDEX": "airflow-map-index",
     "MFS_AIRFLOW_TRY_NUMBER": "airflow-try-number",
     "MFS_EXECUTOR": "mfs-executor",
+    "MFS_WORKER_NAME": "mfs-worker",
     "MFS_IMAGE": "mfs-image",
     "MFS_BASE_IMAGE": "mfs-base-image",
 }
