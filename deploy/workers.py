@@ -32,7 +32,7 @@ from invoke import task
 from . import bundle as bundle_mod
 from . import commands as cmd
 from . import stack
-from .remote import DeployError, Out, Remote, boundary
+from .remote import DeployError, Out, Remote, boundary, translate
 from .tasks import (COMMON_HELP, DOCKER_ROOT, WORKERS_FILE, Deployment, _duration, _options,
                     _read_secrets, _require_host, _state)
 
@@ -172,11 +172,11 @@ class WorkerDeployment(Deployment):
         self.wait_healthy()
 
 
-def _entry(name, queues, slots, facts, host):
+def _entry(name, queues, slots, gpus, facts, host):
     cores = int(facts.get("cores") or 1)
     return {"name": name, "host": host, "queues": queues, "slots": int(slots) or cores,
             "cpu": cores, "memory": int(int(facts.get("mem_kb") or 0) / 1024),
-            "gpu": int(facts.get("gpus") or 0),
+            "gpu": int(gpus),
             "added_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -193,11 +193,13 @@ def _queues(queue):
     "main": "the main VM (as for fab -H): the worker takes its tasks",
     "queue": "queues this worker serves, comma-separated (default: default, i.e. any step)",
     "slots": "tasks at a time (default: the worker's CPU cores)",
+    "gpus": "GPUs steps may ask for with @resources(gpu=N) (not detected; needs the NVIDIA "
+            "container toolkit on the worker)",
     "name": "worker name in Airflow and in task metadata (default: the VM's host name)",
     "bundle": "archive made by `fab bundle`: load its images instead of building them",
 }))
 @boundary("add-worker")
-def add_worker(c, main="", queue="", slots=0, name="", bundle=None, config=None,
+def add_worker(c, main="", queue="", slots=0, gpus=0, name="", bundle=None, config=None,
                verbose=False):
     """Add the -H VM as a worker of the main VM (Airflow's Edge executor)."""
     _require_host(c, "add-worker")
@@ -216,7 +218,7 @@ def add_worker(c, main="", queue="", slots=0, name="", bundle=None, config=None,
     if name in workers and workers[name]["host"] != w.r.host:
         raise DeployError("a worker named %s already exists (%s)" % (name, workers[name]["host"]),
                           "give this one another --name, or remove that one first")
-    w.entry = _entry(name, queues, slots, w.facts, w.r.host)
+    w.entry = _entry(name, queues, slots, gpus, w.facts, w.r.host)
 
     with m.d.lock("fab add-worker %s" % name), w.lock("fab add-worker"):
         out.step("registering worker %s on the main VM %s" % (name, m.r.host))
@@ -301,10 +303,10 @@ def remove_worker(c, main="", wait=600, config=None, verbose=False):
             d.r.run("rm -f %s/.env" % cmd.q(m.d.dir), what="removing the worker's secrets")
             out.ok("containers, volumes and the worker's .env removed (Docker and its images "
                    "stay)")
-        except DeployError as e:
+        except Exception as e:  # noqa: BLE001 - a dead VM fails in many ways
             reached = False
             out.warn("%s: %s; forgetting it on the main VM only (Airflow retries its running "
-                     "tasks elsewhere)" % (host, e.what))
+                     "tasks elsewhere)" % (host, translate(e, host)[0]))
         out.step("forgetting %s on the main VM %s" % (name, m.r.host))
         m.forget(name)
         rest = {n: x for n, x in workers.items() if n != name}

@@ -1,0 +1,191 @@
+"""Worker VMs on two bare VMs (docs/workers.md): the deployed test VM is the
+main VM; a second bare VM (its own network namespace, 10.213.1.2) becomes a
+worker with `fab add-worker`. A foreach's tasks land on both machines and a
+step routed to the worker's own queue runs there (checked with the Metaflow
+client on the main VM: the worker's metadata reaches it); the worker VM dies
+in the middle of a task, which Airflow retries on the main VM as the next
+Metaflow attempt, and the run succeeds; `fab remove-worker` then forgets the
+dead worker and the main VM is a single VM again.
+
+Runs after the other deploy tests (file order), on the VM they leave.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+
+import pytest
+
+import vm as vm_mod
+from deploylab import CACHE, DATA_DIR, INSTALL_DIR, VM_IP, _timed
+
+pytestmark = pytest.mark.deploy
+
+FLOW = __import__("pathlib").Path(__file__).resolve().parents[1] / "flows" / "spread_flow.py"
+
+
+@pytest.fixture(scope="module")
+def worker(lab, deployed):
+    """The second VM, bare, booted; destroyed at the end."""
+    image = vm_mod.prepare_image(CACHE)
+    vm1 = vm_mod.BareVM(image, CACHE / "vm1", lab.key.with_suffix(".pub").read_text().strip(),
+                        index=1)
+    with _timed("worker VM create and boot"):
+        vm1.create()
+        vm1.network_up()
+        vm1.boot()
+    yield vm1
+    vm1.destroy()
+
+
+def add_worker(lab, vm1, *extra):
+    return lab.fab("add-worker", "--main", "deployer@%s" % VM_IP, "--config", str(lab.config),
+                   "--bundle", str(lab.bundle), *extra, host=vm1.ip)
+
+
+def client(lab, code):
+    """Python with the Metaflow client in the main VM's scheduler container
+    (the stack's own Metaflow settings); returns its JSON output."""
+    out = lab.compose("exec -T airflow-scheduler python -c %s"
+                      % shlex.quote("import json\nfrom metaflow import Run, namespace\n"
+                                    "namespace(None)\n" + code))
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def task_state(lab, run_id, task_id):
+    api = lab.airflow()
+    tis = api.get("https://%s/api/v2/dags/SpreadFlow/dagRuns/%s/taskInstances" % (VM_IP, run_id),
+                  timeout=30).json()["task_instances"]
+    return {t["task_id"]: t["state"] for t in tis}.get(task_id)
+
+
+def test_add_worker_without_main_is_refused_before_anything_changes(lab, worker):
+    res = lab.fab("add-worker", "--config", str(lab.config), host=worker.ip)
+    assert res.returncode != 0
+    assert "--main is missing: the main VM this worker takes tasks from" in res.output, str(res)
+    assert worker.run("command -v docker", check=False).returncode != 0
+
+
+def test_add_worker_prepares_the_bare_vm_and_registers_it(lab, worker):
+    with _timed("fab add-worker (bare VM, from the bundle)"):
+        res = add_worker(lab, worker, "--queue", "default,special", "--name", "vm1")
+    (CACHE / "add-worker.log").write_text(str(res))
+    assert res.returncode == 0, str(res)
+    out = res.output
+    assert "preflight on worker" in out and "reaches the main VM at https://%s" % VM_IP in out
+    assert "installing docker.io" in out                       # a bare VM, as deploy does
+    assert "==> smoke test" in out                             # the main VM through Edge
+    assert "vm1 is idle, queues ['default', 'special']" in out, out
+    assert "Worker vm1 (deployer@10.213.1.2) takes tasks of queues default,special" in out
+    # Its .env holds the main VM's secrets: root-only; no database password.
+    env = worker.root / INSTALL_DIR.lstrip("/") / ".env"
+    assert oct(env.stat().st_mode & 0o777) == "0o600"
+    assert "MFS_POSTGRES_PASSWORD" not in env.read_text()
+    lab.results["worker_added"] = res
+
+    status = lab.fab("status", "--config", str(lab.config))
+    assert status.returncode == 0, str(status)
+    lines = [x for x in status.output.splitlines() if x.strip().startswith(("vm1 ", "main "))]
+    assert len(lines) == 2 and all(" idle " in x or " running " in x for x in lines), status.output
+
+
+def test_a_foreach_spreads_over_both_vms_and_a_routed_step_runs_on_its_queue(lab, worker):
+    from fabric import Connection
+
+    assert "worker_added" in lab.results, "needs the worker"
+    with Connection(VM_IP, user="deployer", connect_kwargs={"key_filename": str(lab.key)}) as c:
+        c.put(str(FLOW), "%s/flows/spread_flow.py" % DATA_DIR)
+    dag = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / "SpreadFlow.py"
+    api, base = lab.airflow(), "https://%s/api/v2/dags/SpreadFlow" % VM_IP
+    deadline = time.time() + 240
+    while not dag.exists() or api.get(base, timeout=30).status_code != 200:
+        assert time.time() < deadline, lab.compose("logs --tail 30 flow-watcher")
+        time.sleep(2)
+    api.patch(base, json={"is_paused": False}, timeout=30).raise_for_status()
+
+    run_id, state, tis = lab.run_dag("SpreadFlow", {"width": 8}, timeout=1200)
+    assert state == "success", tis
+    from metaflow_services.spec import run_id_for
+
+    mf_run = run_id_for("SpreadFlow", run_id)
+    lab.results["spread_run"] = mf_run
+    where = {}
+    deadline = time.time() + 60   # the worker ships its metadata every few seconds
+    while True:
+        where = client(lab, "r = Run('SpreadFlow/%s')\nprint(json.dumps({s: sorted({dict((m.name, "
+                            "m.value) for m in t.metadata).get('mfs-worker') for t in r[s]}) for s "
+                            "in ('body', 'special')}))" % mf_run)
+        if None not in where["body"] or time.time() > deadline:
+            break
+        time.sleep(5)
+    assert where["body"] == ["main", "vm1"], where     # the foreach used both machines
+    assert where["special"] == ["vm1"], where          # @worker(queue="special")
+
+
+def test_a_worker_vm_dying_mid_task_is_retried_on_the_main_vm(lab, worker):
+    assert "worker_added" in lab.results, "needs the worker"
+    # Only the worker takes new tasks until `slow` runs on it.
+    lab.compose("exec -T edge-worker airflow edge maintenance on --comments 'test: vm1 first' "
+                "--wait", timeout=300)
+    try:
+        api = lab.airflow()
+        base = "https://%s/api/v2/dags/SpreadFlow" % VM_IP
+        run_id = "crash-%d" % time.time()
+        api.post(base + "/dagRuns", json={"logical_date": None, "dag_run_id": run_id,
+                                          "conf": {"width": 1, "hang": 900}},
+                 timeout=30).raise_for_status()
+        deadline = time.time() + 600
+        while task_state(lab, run_id, "slow") != "running":
+            assert time.time() < deadline, api.get(base + "/dagRuns/%s/taskInstances" % run_id,
+                                                   timeout=30).text
+            time.sleep(2)
+    finally:
+        lab.compose("exec -T edge-worker airflow edge maintenance off")
+    time.sleep(10)  # well inside the first attempt's sleep
+    t0 = time.time()
+    worker.crash()  # power loss: the worker's Docker, edge worker and step die at once
+    deadline = time.time() + 900
+    while True:
+        state = api.get(base + "/dagRuns/" + run_id, timeout=30).json()["state"]
+        if state in ("success", "failed"):
+            break
+        assert time.time() < deadline, "run still %s" % state
+        time.sleep(5)
+    recovered = time.time() - t0
+    assert state == "success", api.get(base + "/dagRuns/%s/taskInstances" % run_id,
+                                       timeout=30).text
+    from metaflow_services.spec import run_id_for
+
+    slow = client(lab, "t = Run('SpreadFlow/%s')['slow'].task\nprint(json.dumps("
+                       "[t.current_attempt, t.data.ran_on]))" % run_id_for("SpreadFlow", run_id))
+    assert slow == [1, "main"], slow   # Metaflow's next attempt, on the surviving machine
+    print("worker VM killed; the task's retry succeeded on the main VM %.0f s later" % recovered)
+
+    status = lab.fab("status", "--config", str(lab.config))
+    assert "worker vm1 (deployer@10.213.1.2) is " in status.output, status.output
+
+
+def test_remove_worker_forgets_a_dead_worker_and_the_main_vm_is_single_again(lab, worker):
+    assert "worker_added" in lab.results, "needs the worker"
+    res = lab.fab("remove-worker", "--main", "deployer@%s" % VM_IP, "--config", str(lab.config),
+                  host=worker.ip)
+    (CACHE / "remove-worker.log").write_text(str(res))
+    assert res.returncode == 0, str(res)
+    assert "forgetting it on the main VM only" in res.output
+    assert "The main VM runs every step itself again (single VM)." in res.output
+    cs = lab.wait_healthy()
+    assert "edge-worker" not in cs and "worker-sync" not in cs
+    env = lab.compose("exec -T airflow-scheduler printenv AIRFLOW__CORE__EXECUTOR MFS_WORKER_QUEUES",
+                      check=False)
+    assert env.split() == ["LocalExecutor"], env
+    # The flow that routes a step to the gone queue is refused, saying why.
+    api, deadline = lab.airflow(), time.time() + 180
+    while True:
+        errors = api.get("https://%s/api/v2/importErrors" % VM_IP, timeout=30).json()
+        text = json.dumps(errors)
+        if "@worker(queue='special') needs a worker VM serving that queue" in text:
+            break
+        assert time.time() < deadline, text
+        time.sleep(3)
