@@ -73,14 +73,7 @@ class Main:
         d.go_live()
 
     def edge_workers(self):
-        """Airflow's view: [{worker_name, state, queues, jobs_active, ...}]."""
-        res = self.r.run(cmd.compose(self.d.dir, "exec -T airflow-scheduler airflow edge "
-                                                 "list-workers --output json"),
-                         what="listing the edge workers", warn=True)
-        try:
-            return json.loads(res.stdout[res.stdout.index("["):])
-        except ValueError:
-            return []
+        return edge_workers(self.d)
 
     def forget(self, name):
         self.r.run(cmd.compose(self.d.dir, "exec -T airflow-scheduler airflow edge "
@@ -318,18 +311,29 @@ def remove_worker(c, main="", wait=600, config=None, verbose=False):
         "Workers left: %s." % ", ".join(sorted(rest))))
 
 
+def edge_workers(d):
+    """Airflow's view of the edge workers (from the main VM's scheduler
+    container): [{worker_name, state, queues, jobs_active, concurrency,
+    free_concurrency, ...}]; [] when it cannot be read."""
+    res = d.r.run(cmd.compose(d.dir, "exec -T airflow-scheduler airflow edge list-workers "
+                                     "--output json"), what="listing the edge workers", warn=True)
+    lines = res.stdout.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("["):
+            try:
+                return json.loads("\n".join(lines[i:]))
+            except ValueError:
+                continue
+    return []
+
+
 def report(m_deployment, out) -> list:
     """The workers section of `fab status`; returns warnings."""
     d = m_deployment
     if not d.read_workers():
         out.info("none (single VM); add one with fab -H WORKER add-worker --main %s" % d.r.host)
         return []
-    res = d.r.run(cmd.compose(d.dir, "exec -T airflow-scheduler airflow edge list-workers "
-                                     "--output json"), what="listing the edge workers", warn=True)
-    try:
-        listed = {x["worker_name"]: x for x in json.loads(res.stdout[res.stdout.index("["):])}
-    except ValueError:
-        listed = {}
+    listed = {x["worker_name"]: x for x in edge_workers(d)}
     warnings = []
     machines = dict(d.workers, **{stack.MAIN_WORKER: {"host": d.r.host, "queues": ["default"]}})
     for name, w in sorted(machines.items()):
