@@ -339,8 +339,8 @@ def report(m_deployment, out) -> list:
     for name, w in sorted(machines.items()):
         x = listed.get(name) or {}
         state = x.get("state") or "not registered"
-        slots = x.get("concurrency")
-        load = ("%s/%s slots busy" % (slots - (x.get("free_concurrency") or 0), slots)
+        slots = int(x.get("concurrency") or 0)   # the CLI's JSON has them as text
+        load = ("%d/%d slots busy" % (slots - int(x.get("free_concurrency") or 0), slots)
                 if slots else "load unknown")
         out.info("%-14s %-28s %-12s queues %-18s %s" % (name, w["host"], state,
                                                          ",".join(w["queues"]), load))
