@@ -26,6 +26,9 @@ import math
 import os
 
 QUEUES_ENV = "MFS_WORKER_QUEUES"
+# On a worker VM: the scheduler has routed every task already, and the task
+# parses its DAG file only to run it, so nothing is checked (compose/worker.yaml).
+ANY = "any"
 DEFAULT_QUEUE = "default"
 EDGE_EXECUTOR = "EdgeExecutor"
 _NEEDS = ("cpu", "memory", "gpu")  # as in @resources; memory in MB
@@ -35,11 +38,14 @@ class RoutingError(ValueError):
     pass
 
 
-def queues_from_env(environ=None) -> dict:
-    """{queue: {"cpu", "memory", "gpu", "workers"}}; empty without workers."""
+def queues_from_env(environ=None) -> dict | None:
+    """{queue: {"cpu", "memory", "gpu", "workers"}}; empty without workers;
+    None on a worker VM (``any``)."""
     raw = ((environ if environ is not None else os.environ).get(QUEUES_ENV) or "").strip()
     if not raw:
         return {}
+    if raw == ANY:
+        return None
     try:
         queues = json.loads(raw)
     except ValueError as e:
@@ -50,8 +56,11 @@ def queues_from_env(environ=None) -> dict:
     return queues
 
 
-def route(flow_name: str, step_name: str, step: dict, queues: dict) -> dict:
-    """The operator arguments that send this step to a queue ({} on a single VM)."""
+def route(flow_name: str, step_name: str, step: dict, queues: dict | None) -> dict:
+    """The operator arguments that send this step to a queue ({} on a single
+    VM, and on a worker VM, where they no longer matter)."""
+    if queues is None:
+        return {}
     wanted = step.get("queue")
     needs = {k: float((step.get("resources") or {}).get(k) or 0) for k in _NEEDS}
     where = "Flow %s, step %s" % (flow_name, step_name)

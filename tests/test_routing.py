@@ -125,3 +125,12 @@ def test_a_removed_worker_makes_the_dag_an_import_error_naming_the_step(
         build(dag_file)
     assert ("Flow RoutedFlow, step crunch asks for @resources(cpu=4, memory=8000), more than "
             "any worker has (default: cpu=2, memory=3900, gpu=0 on main, vm1)") in str(e.value)
+
+
+def test_a_worker_vm_parses_every_dag_file_whatever_its_routes(tmp_path, seaweedfs, monkeypatch):
+    """A task on a worker VM parses its DAG file to run it; the scheduler has
+    routed it already, and the worker does not know the main VM's queues."""
+    dag_file = compiled_dag(tmp_path, ROUTED, env=WORKERS)
+    monkeypatch.setenv("MFS_WORKER_QUEUES", "any")
+    dag = build(dag_file)
+    assert set(routes(dag)) == {"start", "train", "join", "crunch", "end"}
