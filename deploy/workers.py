@@ -288,9 +288,13 @@ def remove_worker(c, main="", wait=600, config=None, verbose=False):
                                          "--comments %s --wait"
                                 % cmd.q("fab remove-worker")),
                     what="draining the edge worker", timeout=int(wait) + 60, warn=True)
-            d.r.run(cmd.compose(m.d.dir, "exec -T edge-worker airflow edge stop --wait"),
-                    what="stopping the edge worker", timeout=int(wait) + 60, warn=True)
             out.ok("drained in %s" % _duration(time.time() - t0))
+            # The last tasks' Metaflow metadata goes to the main VM before the
+            # worker's volumes go.
+            d.r.run(cmd.compose(m.d.dir, "exec -T sync metaflow-services sync --role worker "
+                                         "--dags /opt/airflow/dags --once"),
+                    what="shipping the last metadata", timeout=300, warn=True)
+            # A stop ends the edge worker cleanly: it tells the main VM it is offline.
             d.r.run(cmd.compose(m.d.dir, "down --volumes --remove-orphans"),
                     what="removing the worker's containers", timeout=600)
             d.r.run("rm -f %s/.env" % cmd.q(m.d.dir), what="removing the worker's secrets")

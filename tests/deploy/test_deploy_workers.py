@@ -4,8 +4,8 @@ worker with `fab add-worker`. A foreach's tasks land on both machines and a
 step routed to the worker's own queue runs there (checked with the Metaflow
 client on the main VM: the worker's metadata reaches it); the worker VM dies
 in the middle of a task, which Airflow retries on the main VM as the next
-Metaflow attempt, and the run succeeds; `fab remove-worker` then forgets the
-dead worker and the main VM is a single VM again.
+Metaflow attempt, and the run succeeds. `fab remove-worker` drains a live
+worker (the main VM is a single VM again) and forgets a dead one.
 
 Runs after the other deploy tests (file order), on the VM they leave.
 """
@@ -124,6 +124,44 @@ def test_a_foreach_spreads_over_both_vms_and_a_routed_step_runs_on_its_queue(lab
     assert where["special"] == ["vm1"], where          # @worker(queue="special")
 
 
+def assert_single_vm(lab):
+    cs = lab.wait_healthy()
+    assert "edge-worker" not in cs and "worker-sync" not in cs
+    env = lab.compose("exec -T airflow-scheduler printenv AIRFLOW__CORE__EXECUTOR MFS_WORKER_QUEUES",
+                      check=False)
+    assert env.split() == ["LocalExecutor"], env
+
+
+def test_remove_worker_drains_a_live_worker_and_the_main_vm_is_single_again(lab, worker):
+    assert "worker_added" in lab.results, "needs the worker"
+    res = lab.fab("remove-worker", "--main", "deployer@%s" % VM_IP, "--config", str(lab.config),
+                  host=worker.ip)
+    (CACHE / "remove-worker.log").write_text(str(res))
+    assert res.returncode == 0, str(res)
+    assert "draining vm1 on deployer@10.213.1.2" in res.output and "drained in" in res.output
+    assert "The main VM runs every step itself again (single VM)." in res.output
+    assert worker.run("docker ps -aq").stdout.strip() == ""      # nothing left running there
+    assert not (worker.root / INSTALL_DIR.lstrip("/") / ".env").exists()
+    assert_single_vm(lab)
+    # The flow that routes a step to the gone queue is refused, saying why.
+    api, deadline = lab.airflow(), time.time() + 180
+    while True:
+        text = json.dumps(api.get("https://%s/api/v2/importErrors" % VM_IP, timeout=30).json())
+        if "@worker(queue='special') needs a worker VM serving that queue" in text:
+            break
+        assert time.time() < deadline, text
+        time.sleep(3)
+
+
+def test_add_worker_again_reuses_what_the_vm_has(lab, worker):
+    with _timed("fab add-worker (again: Docker and images present)"):
+        res = add_worker(lab, worker, "--queue", "default,special", "--name", "vm1")
+    assert res.returncode == 0, str(res)
+    assert "present, skipped" in res.output                     # Docker
+    assert "2 images ready (2 were present)" in res.output
+    assert "vm1 is idle" in res.output
+
+
 def test_a_worker_vm_dying_mid_task_is_retried_on_the_main_vm(lab, worker):
     assert "worker_added" in lab.results, "needs the worker"
     # Only the worker takes new tasks until `slow` runs on it.
@@ -163,29 +201,22 @@ def test_a_worker_vm_dying_mid_task_is_retried_on_the_main_vm(lab, worker):
     assert slow == [1, "main"], slow   # Metaflow's next attempt, on the surviving machine
     print("worker VM killed; the task's retry succeeded on the main VM %.0f s later" % recovered)
 
-    status = lab.fab("status", "--config", str(lab.config))
-    assert "worker vm1 (deployer@10.213.1.2) is " in status.output, status.output
+    # `fab status` says the worker is lost (once Airflow counts it lifeless).
+    deadline = time.time() + 180
+    while True:
+        status = lab.fab("status", "--config", str(lab.config))
+        if "warning: worker vm1 (deployer@10.213.1.2) is " in status.output:
+            break
+        assert time.time() < deadline, status.output
+        time.sleep(10)
 
 
-def test_remove_worker_forgets_a_dead_worker_and_the_main_vm_is_single_again(lab, worker):
+def test_remove_worker_forgets_a_dead_worker(lab, worker):
     assert "worker_added" in lab.results, "needs the worker"
     res = lab.fab("remove-worker", "--main", "deployer@%s" % VM_IP, "--config", str(lab.config),
                   host=worker.ip)
-    (CACHE / "remove-worker.log").write_text(str(res))
+    (CACHE / "remove-dead-worker.log").write_text(str(res))
     assert res.returncode == 0, str(res)
     assert "forgetting it on the main VM only" in res.output
-    assert "The main VM runs every step itself again (single VM)." in res.output
-    cs = lab.wait_healthy()
-    assert "edge-worker" not in cs and "worker-sync" not in cs
-    env = lab.compose("exec -T airflow-scheduler printenv AIRFLOW__CORE__EXECUTOR MFS_WORKER_QUEUES",
-                      check=False)
-    assert env.split() == ["LocalExecutor"], env
-    # The flow that routes a step to the gone queue is refused, saying why.
-    api, deadline = lab.airflow(), time.time() + 180
-    while True:
-        errors = api.get("https://%s/api/v2/importErrors" % VM_IP, timeout=30).json()
-        text = json.dumps(errors)
-        if "@worker(queue='special') needs a worker VM serving that queue" in text:
-            break
-        assert time.time() < deadline, text
-        time.sleep(3)
+    assert "it was unreachable: stop it by hand when it is back" in res.output
+    assert_single_vm(lab)
