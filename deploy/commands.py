@@ -485,7 +485,8 @@ def smoke_pending(install_dir, action) -> str:
             "clear": "rm -f %s" % f}[action]
 
 
-def check_proxy(port, path="/") -> str:
-    """The proxy answers TLS on the VM itself (any HTTP status)."""
-    return ("curl -sk -o /dev/null -w '%%{http_code}' --max-time 10 https://127.0.0.1:%d%s"
-            % (port, path))
+def check_proxy(port, path="/", host="127.0.0.1") -> str:
+    """The proxy answers TLS (any HTTP status): on the VM itself, or from a
+    worker VM at the main VM's address. Prints the status, 000 if none."""
+    return ("curl -sk -o /dev/null -w '%%{http_code}' --max-time 10 https://%s:%d%s"
+            % (host, port, path))

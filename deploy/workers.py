@@ -116,9 +116,8 @@ class WorkerDeployment(Deployment):
         st = self.main.state
         for port, path in ((st["ports"]["https"], "/api/v2/monitor/health"),
                            (st["ports"]["s3"], "/")):
-            code = self.r.stdout(
-                "curl -sk -o /dev/null -w '%%{http_code}' --max-time 10 https://%s:%d%s || true"
-                % (st["public_host"], port, path), what="reaching the main VM").strip()
+            code = self.r.stdout(cmd.check_proxy(port, path, host=st["public_host"]),
+                                 what="reaching the main VM", warn=True).strip()
             if code in ("", "000"):
                 raise DeployError(
                     "preflight refused (nothing was changed): the worker cannot reach the main "

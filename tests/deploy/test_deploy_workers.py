@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,7 @@ from deploylab import CACHE, DATA_DIR, INSTALL_DIR, VM_IP, _timed
 
 pytestmark = pytest.mark.deploy
 
-FLOW = __import__("pathlib").Path(__file__).resolve().parents[1] / "flows" / "spread_flow.py"
+FLOW = Path(__file__).resolve().parents[1] / "flows" / "spread_flow.py"
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,14 @@ def worker(lab, deployed):
         vm1.boot()
     yield vm1
     vm1.destroy()
+
+
+def remove_worker(lab, vm1, log_name):
+    res = lab.fab("remove-worker", "--main", "deployer@%s" % VM_IP, "--config", str(lab.config),
+                  host=vm1.ip)
+    (CACHE / log_name).write_text(str(res))
+    assert res.returncode == 0, str(res)
+    return res
 
 
 def add_worker(lab, vm1, *extra):
@@ -134,10 +143,7 @@ def assert_single_vm(lab):
 
 def test_remove_worker_drains_a_live_worker_and_the_main_vm_is_single_again(lab, worker):
     assert "worker_added" in lab.results, "needs the worker"
-    res = lab.fab("remove-worker", "--main", "deployer@%s" % VM_IP, "--config", str(lab.config),
-                  host=worker.ip)
-    (CACHE / "remove-worker.log").write_text(str(res))
-    assert res.returncode == 0, str(res)
+    res = remove_worker(lab, worker, "remove-worker.log")
     assert "draining vm1 on deployer@10.213.1.2" in res.output and "drained in" in res.output
     assert "The main VM runs every step itself again (single VM)." in res.output
     assert worker.run("docker ps -aq").stdout.strip() == ""      # nothing left running there
@@ -213,10 +219,7 @@ def test_a_worker_vm_dying_mid_task_is_retried_on_the_main_vm(lab, worker):
 
 def test_remove_worker_forgets_a_dead_worker(lab, worker):
     assert "worker_added" in lab.results, "needs the worker"
-    res = lab.fab("remove-worker", "--main", "deployer@%s" % VM_IP, "--config", str(lab.config),
-                  host=worker.ip)
-    (CACHE / "remove-dead-worker.log").write_text(str(res))
-    assert res.returncode == 0, str(res)
+    res = remove_worker(lab, worker, "remove-dead-worker.log")
     assert "forgetting it on the main VM only" in res.output
     assert "it was unreachable: stop it by hand when it is back" in res.output
     assert_single_vm(lab)
