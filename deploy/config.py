@@ -22,6 +22,7 @@ DEFAULT_CONFIG = REPO / "deploy.yaml"
 ROLES = ("viewer", "user", "op", "admin")
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._/-]*$")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_USER_RE = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
 _PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
@@ -94,6 +95,13 @@ class MetaflowUI:
 
 
 @dataclass
+class Flows:
+    default_user: str = _doc("Metaflow user of runs of flows saved by root (fab -H root@vm "
+                             "push-flows, scp as root) or by an account the VM does not name; "
+                             "others run as the file's owner", default="metaflow-services")
+
+
+@dataclass
 class Images:
     postgres: str = _doc("", default="")
     seaweedfs: str = _doc("", default="")
@@ -148,6 +156,7 @@ class Options:
     tls: TLS = field(default_factory=TLS)
     airflow: Airflow = field(default_factory=Airflow)
     metaflow_ui: MetaflowUI = field(default_factory=MetaflowUI)
+    flows: Flows = field(default_factory=Flows)
     retention: Retention = field(default_factory=Retention)
     backup: Backup = field(default_factory=Backup)
     images: Images = field(default_factory=Images)
@@ -418,6 +427,10 @@ def validate(o: Options, source="options"):
     if not _NAME_RE.match(o.metaflow_ui.user):
         fail("metaflow_ui.user", "expected a-z, 0-9 and _, starting with a letter, found %r"
              % o.metaflow_ui.user)
+    if not _USER_RE.match(o.flows.default_user) or o.flows.default_user == "root":
+        fail("flows.default_user", "expected a user name other than root (a-z, 0-9, '.', '_', "
+             "'-', starting with a letter; Metaflow refuses to record runs as root), found %r"
+             % o.flows.default_user)
 
     for f in dataclasses.fields(o.images):
         value = getattr(o.images, f.name)

@@ -238,6 +238,7 @@ def settings_env(o: Options, facts: dict) -> str:
         "MFS_BACKUP_KEEP": o.backup.keep,
         "MFS_EXECUTOR": o.executor,
         "MFS_METAFLOW_UI_USER": o.metaflow_ui.user,
+        "MFS_FLOWS_DEFAULT_USER": o.flows.default_user,
         "MFS_DOCKER_GID": facts["docker_gid"],
         "MFS_PROXY_CONFIG_SHA": proxy_config_sha(),
         "MFS_TLS_SHA": facts["tls_sha"],

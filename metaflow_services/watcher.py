@@ -69,6 +69,11 @@ class Watcher:
     # user who dropped the flow. Without it (or for unknown uids) the
     # watcher's own METAFLOW_USER is used.
     passwd: Path | None = None
+    # Runs of flows saved by root (how most people reach a fresh VM: `fab -H
+    # root@vm push-flows`, scp as root) or by a uid the passwd file does not
+    # name are recorded under this user; Metaflow refuses to record runs as
+    # root. None: the watcher's own METAFLOW_USER.
+    default_user: str | None = None
     heartbeat: Path | None = None      # touched after every scan (healthcheck)
     state: dict = field(default_factory=dict)   # rel path -> FlowState
     _pending: dict = field(default_factory=dict)  # rel path -> (digest, first seen unchanged at)
@@ -160,7 +165,7 @@ class Watcher:
         # read-only (it is in the stack).
         env.setdefault("METAFLOW_TEMPDIR", tempfile.gettempdir())
         env.setdefault("METAFLOW_ARTIFACT_LOCALROOT", tempfile.gettempdir())
-        st.user = self._owner(path)
+        st.user = self._owner(path) or self.default_user
         if st.user:
             env["METAFLOW_USER"] = st.user
         t = time.time()
@@ -193,7 +198,7 @@ class Watcher:
             for line in self.passwd.read_text().splitlines():
                 fields = line.split(":")
                 if len(fields) > 2 and fields[2] == str(uid):
-                    return fields[0]
+                    return fields[0] if fields[0] != "root" else None
         except OSError:
             pass
         return None
@@ -316,6 +321,8 @@ def add_parser(sub):
     w.add_argument("--once", action="store_true", help="compile what is there, then exit")
     w.add_argument("--passwd", help="passwd file naming flow files' owners: their runs are "
                                     "recorded under the owner's name (METAFLOW_USER)")
+    w.add_argument("--default-user", help="runs of flows owned by root or by an unknown uid are "
+                                          "recorded under this user (default: METAFLOW_USER)")
     w.add_argument("--heartbeat", help="file touched after every scan (for a healthcheck)")
     w.set_defaults(func=run)
 
@@ -325,6 +332,7 @@ def run(args):
     os.makedirs(args.flows, exist_ok=True)
     w = Watcher(Path(args.flows), Path(args.dags), settle=args.settle,
                 passwd=Path(args.passwd) if args.passwd else None,
+                default_user=args.default_user or None,
                 heartbeat=Path(args.heartbeat) if args.heartbeat else None)
     if args.once:
         w.settle = 0

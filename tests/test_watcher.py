@@ -151,6 +151,26 @@ def test_runs_of_a_dropped_flow_are_recorded_under_its_owner(tmp_path, seaweedfs
     assert "'user': '%s'" % os.environ["METAFLOW_USER"] in (dags / "WatchedFlow.py").read_text()
 
 
+def test_runs_of_a_flow_saved_by_root_are_recorded_under_the_default_user(tmp_path, seaweedfs):
+    """`fab -H root@vm push-flows` and scp as root leave root-owned files:
+    Metaflow refuses to record runs as root, so they go under the deploy's
+    flows.default_user instead of failing to compile."""
+    from metaflow_services.watcher import Watcher
+
+    flows, dags = tmp_path / "flows", tmp_path / "dags"
+    write(flows / "w" / "helper.py", "VALUE = 1\n")
+    write(flows / "w" / "watched_flow.py", FLOW)
+    os.chown(flows / "w" / "watched_flow.py", 0, 0)
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0::/root:/bin/sh\n")
+    w = Watcher(flows, dags, settle=0, passwd=passwd, default_user="metaflow-services")
+    w.poll()
+    (st,) = w.poll()
+    assert st.status == "ok", st.message
+    assert st.user == "metaflow-services"
+    assert "'user': 'metaflow-services'" in (dags / "WatchedFlow.py").read_text()
+
+
 # --------------------------------------------------------------------------
 # Through Airflow, with the watcher running as its own process
 # --------------------------------------------------------------------------
