@@ -7,14 +7,15 @@
    minutes without runs.
 
 Numbers are printed (and written to benchmarks/results/deploy.json), not
-asserted; targets: re-deploy under 30 s, idle memory under 3 GB.
+asserted; targets: re-deploy under 30 s, idle memory of the default stack
+(the Metaflow metadata service, UI backend and UI included) under 2 GB.
 
     sudo .venv/bin/python benchmarks/deploy_bench.py [--idle-seconds 300] [--keep-vm]
 
 Needs what the deploy tests need (root, the host's Docker engine,
-debootstrap; see scripts/host-setup). The stack is the test variant: the
-official Metaflow service images cannot be obtained here, so it runs without
-them (their UI backend is the largest consumer of memory in a full stack).
+debootstrap; see scripts/host-setup). The stack is the default one, with
+the deploy tests' images (tests/images/: the Metaflow services built from the
+vendored upstream sources, the others from Debian and PyPI).
 """
 
 from __future__ import annotations

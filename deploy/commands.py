@@ -446,6 +446,24 @@ def parse_containers(text):
     return out
 
 
+def container_memory(project) -> str:
+    """One line per running container of the project: id and memory in use
+    (docker stats, one sample)."""
+    return ("docker ps -q --no-trunc --filter label=com.docker.compose.project=%s | "
+            "xargs -r docker stats --no-stream --no-trunc --format '{{.ID}} {{.MemUsage}}'"
+            % q(project))
+
+
+def parse_memory(text) -> dict:
+    """{container id: "123.4MiB"} from container_memory's output."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            out[parts[0]] = parts[1]
+    return out
+
+
 def up(install_dir) -> str:
     # Images are pulled, loaded or built beforehand: compose must not try.
     # Plain progress lines (no terminal): what it creates, waits for, starts.

@@ -734,11 +734,15 @@ def status(c, config=None, verbose=False):
     out.step("services on %s (deployed %s by %s)" % (r.host, st["deployed_at"], st["by"]))
     containers = cmd.parse_containers(r.stdout(cmd.project_containers(o.project),
                                                what="listing containers"))
+    memory = cmd.parse_memory(r.run(cmd.container_memory(o.project), what="reading memory use",
+                                    warn=True).stdout)
+    out.info("%-24s %-22s %-10s %s" % ("service", "state", "memory", "since"))
     for ct in sorted(containers, key=lambda x: x["service"]):
         state = ct["state"] + ("" if ct["health"] == "none" else " (%s)" % ct["health"])
         if ct["state"] == "exited":
             state += " exit %d" % ct["exit_code"]
-        out.info("%-24s %-22s since %s" % (ct["service"], state, ct["started_at"][:19]))
+        out.info("%-24s %-22s %-10s %s" % (ct["service"], state, memory.get(ct["id"], "-"),
+                                           ct["started_at"][:19]))
     out.step("versions")
     for role, ref in sorted(st["images"].items()):
         out.info("%-12s %s" % (role, ref))
@@ -927,7 +931,9 @@ def client_config(c, name="", directory="", tunnel=False, config=None, verbose=F
     if st["metaflow_services"]:
         profile.update({"METAFLOW_DEFAULT_METADATA": "service",
                         "METAFLOW_SERVICE_URL": base(st["ports"]["metaflow"]) + "/metadata",
-                        "METAFLOW_SERVICE_AUTH_KEY": secrets["MFS_METAFLOW_API_KEY"]})
+                        "METAFLOW_SERVICE_AUTH_KEY": secrets["MFS_METAFLOW_API_KEY"],
+                        # Not Metaflow's either: the Metaflow UI, for doctor --profile.
+                        "MFS_METAFLOW_UI_URL": base(st["ports"]["metaflow"])})
     else:
         profile["METAFLOW_DEFAULT_METADATA"] = "local"
     ca_note = ""

@@ -152,6 +152,31 @@ def check_metadata() -> Check:
                      "docker compose logs metadata")
 
 
+def check_metaflow_ui() -> Check:
+    """The UI backend (the Metaflow UI's API and websocket) and the UI's web
+    server, from inside the stack (MFS_METAFLOW_UI_BACKEND_URL and
+    MFS_METAFLOW_UI_INTERNAL_URL; unset without the Metaflow services)."""
+    import requests
+
+    backend = _env("MFS_METAFLOW_UI_BACKEND_URL", "").rstrip("/")
+    ui = _env("MFS_METAFLOW_UI_INTERNAL_URL", "").rstrip("/")
+    if not backend and not ui:
+        return Check("metaflow-ui", True, "not deployed (metaflow_services: false)")
+    problems, seen = [], []
+    for name, url, expect in (("UI backend", backend + "/ping", "pong"),
+                              ("UI", ui + "/", "Metaflow UI")):
+        try:
+            r = requests.get(url, timeout=10)
+            if r.status_code == 200 and expect in r.text:
+                seen.append("%s %s: ok" % (name, url))
+            else:
+                problems.append("%s %s: HTTP %d" % (name, url, r.status_code))
+        except Exception as e:  # noqa: BLE001
+            problems.append("%s %s: %s" % (name, url, _one_line(e)))
+    return Check("metaflow-ui", not problems, "; ".join(problems + seen),
+                 "" if not problems else "docker compose logs metaflow-ui-backend metaflow-ui")
+
+
 def check_docker() -> Check:
     if _env("MFS_EXECUTOR", "subprocess") != "docker":
         return Check("docker", True, "not used (MFS_EXECUTOR=%s)" % _env("MFS_EXECUTOR",
@@ -349,6 +374,7 @@ CHECKS = {
     "database": check_database,
     "object-store": None,   # takes ensure_bucket
     "metadata": check_metadata,
+    "metaflow-ui": check_metaflow_ui,
     "docker": check_docker,
     "airflow": check_airflow,
 }
@@ -517,6 +543,17 @@ def workstation_checks(profile_name, airflow_user="admin", password=None):
                                  "without the key: HTTP %d" % denied))
         except Exception as e:  # noqa: BLE001
             results.append(Check("metadata", False, *_reach_problem(e, url, ca)))
+        ui = prof.get("MFS_METAFLOW_UI_URL", "")
+        if ui:
+            try:
+                status = http.get(ui.rstrip("/") + "/", timeout=15, verify=verify).status_code
+                results.append(Check("metaflow-ui", status == 401,
+                                     "%s: HTTP %d%s" % (ui, status, " (asks for its password)"
+                                                        if status == 401 else ""),
+                                     "" if status == 401 else "fab -H HOST status; "
+                                     "fab -H HOST logs -s metaflow-ui"))
+            except Exception as e:  # noqa: BLE001
+                results.append(Check("metaflow-ui", False, *_reach_problem(e, ui, ca)))
     else:
         results.append(Check("metadata", True, "local (this deployment runs without the "
                                                "metadata service)"))

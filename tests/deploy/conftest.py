@@ -5,4 +5,5 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from deploylab import deployed, lab, pytest_terminal_summary  # noqa: E402,F401
+from deploylab import (deployed, lab, pytest_runtest_makereport,  # noqa: E402,F401
+                       pytest_terminal_summary)

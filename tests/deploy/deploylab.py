@@ -35,20 +35,22 @@ from support import REPO, deploy_module  # noqa: E402,F401  (tests/support.py)
 CACHE = Path(os.environ.get("MFS_TEST_CACHE", "/var/cache/metaflow-services-tests"))
 VENV_BIN = Path(sys.executable).parent
 FAB = str(VENV_BIN / "fab")
-IMAGES = ["postgres", "seaweedfs", "proxy", "airflow", "step"]
+# The README's command (it installs Fabric into .venv on first use).
+SCRIPTS_FAB = str(REPO / "scripts" / "fab")
+IMAGES = ["postgres", "seaweedfs", "proxy", "airflow", "step", "metadata", "metaflow-ui"]
 VM_IP = vm_mod.VM_IP
 INSTALL_DIR = "/opt/metaflow-services"
 DATA_DIR = "/srv/metaflow-services"
 PROJECT = "metaflow-services"
 
-# The deploy options of the test: the test-built images instead of the
-# official ones, and without the Metaflow services (their images cannot be
-# obtained here): runs use Metaflow's local metadata on a shared volume.
-# Four task slots, as on the 4 GB VM the stack is sized for (this VM sees the
-# host's 24 GB).
+# The deploy options of the test: the defaults (the Metaflow metadata
+# service, UI backend and UI included), with the test-built images instead of
+# the official ones (no registry is reachable here; tests/images/ builds
+# equivalents, the Metaflow ones from the vendored upstream sources). Four
+# task slots, as on the 4 GB VM the stack is sized for (this VM sees the
+# host's 24 GB). test_deploy_lean.py switches metaflow_services off.
 TEST_OPTIONS = """\
 public_host: 10.213.0.2
-metaflow_services: false
 airflow:
   parallelism: 4
 images:
@@ -57,6 +59,8 @@ images:
   proxy: mfs-proxy:test
   airflow: mfs-airflow:test
   step: mfs-step:test
+  metadata: mfs-metadata:test
+  metaflow_ui: mfs-metaflow-ui:test
 """
 
 TIMINGS = {}
@@ -170,8 +174,9 @@ class Lab:
     home: Path
     results: dict = field(default_factory=dict)
 
-    def fab(self, *args, user="deployer", host=VM_IP, key=None, timeout=2400, global_args=()):
-        argv = [FAB, "-H", "%s@%s" % (user, host), "-i", str(key or self.key), *global_args, *args]
+    def fab(self, *args, user="deployer", host=VM_IP, key=None, timeout=2400, global_args=(),
+            fab=FAB):
+        argv = [fab, "-H", "%s@%s" % (user, host), "-i", str(key or self.key), *global_args, *args]
         t0 = time.time()
         proc = subprocess.run(argv, cwd=str(REPO), env=fab_env(self.home), text=True,
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -179,11 +184,11 @@ class Lab:
         return FabResult(argv[:1] + [a if a != str(key or self.key) else "KEY" for a in argv[1:]],
                          proc.returncode, proc.stdout, time.time() - t0)
 
-    def deploy(self, *extra, bundle=True, config=None):
+    def deploy(self, *extra, bundle=True, config=None, **kw):
         args = ["deploy", "--config", str(config or self.config)]
         if bundle:
             args += ["--bundle", str(self.bundle)]
-        return self.fab(*args, *extra)
+        return self.fab(*args, *extra, **kw)
 
     # -- looking into the VM, as its console would ----------------------------
 
@@ -256,6 +261,17 @@ class Lab:
             time.sleep(3)
         return run_id, state, api.get(base + "/dagRuns/%s/taskInstances" % run_id,
                                       timeout=30).text
+
+    def metadata(self, path):
+        """GET from the metadata service through the proxy, with the API key,
+        as the Metaflow client of a `fab client-config` profile does."""
+        import requests
+
+        r = requests.get("https://%s:8443/metadata/%s" % (VM_IP, path.lstrip("/")),
+                         verify=self.ca, timeout=30,
+                         headers={"x-api-key": self.secret("MFS_METAFLOW_API_KEY")})
+        r.raise_for_status()
+        return r.json()
 
     def s3(self):
         import boto3
@@ -338,12 +354,23 @@ def lab():
 
 @pytest.fixture(scope="session")
 def deployed(lab):
-    """The first deploy onto the bare VM, from the bundle."""
+    """The first deploy onto the bare VM, from the bundle, as the README says:
+    `scripts/fab -H root@vm deploy` (--config and --bundle only swap in the
+    test-built images)."""
     assert lab.vm.run("command -v docker", check=False).returncode != 0, \
         "the VM must start without Docker"
     with _timed("first fab deploy (from the bundle)"):
-        res = lab.deploy()
+        res = lab.deploy(user="root", fab=SCRIPTS_FAB)
     lab.results["first"] = res
     (CACHE / "first-deploy.log").write_text(str(res))
     assert res.returncode == 0, str(res)
     return res
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item (item.rep_call), so
+    fixtures can tell a failed test (e.g. to keep a browser screenshot)."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)

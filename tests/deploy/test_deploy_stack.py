@@ -23,7 +23,8 @@ pytestmark = pytest.mark.deploy
 
 FLOW = Path(__file__).parent / "flows" / "deploy_check_flow.py"
 LONG_RUNNING = ("postgres", "seaweedfs", "airflow-api-server", "airflow-scheduler",
-                "airflow-dag-processor", "airflow-triggerer", "maintenance", "flow-watcher", "proxy")
+                "airflow-dag-processor", "airflow-triggerer", "maintenance", "flow-watcher", "proxy",
+                "metadata", "metaflow-ui-backend", "metaflow-ui")
 
 
 def running_services(containers):
@@ -63,10 +64,10 @@ def test_first_deploy_installs_docker_and_passes_its_smoke_test(deployed, lab):
 
 def test_every_service_is_healthy(deployed, lab):
     cs = lab.wait_healthy(timeout=60)
-    assert set(cs) == set(LONG_RUNNING) | {"postgres-init", "airflow-init"}
+    assert set(cs) == set(LONG_RUNNING) | set(ONE_SHOTS)
     for svc in LONG_RUNNING:
         assert cs[svc]["state"] == "running" and cs[svc]["health"] == "healthy", (svc, cs[svc])
-    for svc in ("postgres-init", "airflow-init"):
+    for svc in ONE_SHOTS:
         assert cs[svc]["state"] == "exited" and cs[svc]["exit_code"] == 0
     policies = lab.sh("docker inspect --format '{{.Name}} {{.HostConfig.RestartPolicy.Name}}' "
                       "$(docker ps -q)").split("\n")
@@ -122,7 +123,8 @@ def test_nothing_but_the_proxy_listens_on_the_network(deployed, lab):
         exposed.setdefault(int(port), set()).add(proc.group(1) if proc else "?")
     # The VM's own sshd (how we reach it) and the proxy's published ports.
     assert exposed.pop(22) == {"sshd"}
-    assert exposed == {443: {"docker-proxy"}, 9000: {"docker-proxy"}}, exposed
+    assert exposed == {443: {"docker-proxy"}, 8443: {"docker-proxy"}, 9000: {"docker-proxy"}}, \
+        exposed
     published = lab.sh("docker ps --format '{{.Names}} {{.Ports}}'")
     for line in published.strip().splitlines():
         name, _, ports = line.partition(" ")
@@ -176,6 +178,12 @@ def test_a_flow_dropped_into_the_stack_runs_through_airflow(deployed, lab):
     squares = s3.list_objects_v2(Bucket="metaflow",
                                  Prefix="metaflow/DeployCheckFlow/%s/square/" % mf_run)
     assert len({o["Key"].split("/")[4] for o in squares["Contents"]}) == 4  # one task per split
+    # Recorded in the metadata service: the run under the file's owner, one
+    # task per split.
+    run = lab.metadata("flows/DeployCheckFlow/runs/%s" % mf_run)
+    assert run["run_number"] == mf_run and run["user_name"] == "deployer", run
+    tasks = lab.metadata("flows/DeployCheckFlow/runs/%s/steps/square/tasks" % mf_run)
+    assert len(tasks) == 4, tasks
     lab.results["flow_run"] = (run_id, mf_run)
 
 
@@ -276,11 +284,19 @@ def test_status_reports_every_service(deployed, lab):
     res = lab.fab("status")
     assert res.returncode == 0, str(res)
     for svc in LONG_RUNNING:
-        assert re.search(r"%s\s+running \(healthy\)" % svc, res.output), svc
+        # Each with its memory in use (the UI backend's is the one to watch).
+        m = re.search(r"%s\s+running \(healthy\)\s+([0-9.]+)([KMG]i?B)" % svc, res.output)
+        assert m, (svc, res.output)
+        if svc == "metaflow-ui-backend":
+            assert m.group(2) in ("MiB", "GiB") and float(m.group(1)) > 0
     for line in ("apache-airflow     3.3.2", "metaflow           2.19.39", "ok   database",
                  "ok   object-store", "ok   docker", "ok   airflow", "ok   last-runs",
                  "DeployCheckFlow"):
         assert line in res.output, line
+    # The Metaflow services, checked from inside the stack.
+    assert re.search(r"ok   metadata\s+metadata service http://metadata:8080: pong", res.output)
+    assert re.search(r"ok   metaflow-ui\s+UI backend http://metaflow-ui-backend:8083/api/ping: "
+                     r"ok; UI http://metaflow-ui:3000/: ok", res.output), res.output
 
 
 def test_logs_of_one_service(deployed, lab):

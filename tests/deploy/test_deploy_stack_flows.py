@@ -125,11 +125,8 @@ def run_message(lab, api, dag_id, who):
 
 
 def run_meta(lab, dag_id, mf_run):
-    """The run's own record in Metaflow's local metadata (this test stack runs
-    without the metadata service: runs record into a shared volume)."""
-    text = lab.sh("cat /var/lib/docker/volumes/metaflow-services-metaflow-local/_data/"
-                  ".metaflow/%s/%s/_meta/_self.json" % (dag_id, mf_run))
-    return json.loads(text)
+    """The run's record in the metadata service (through the proxy)."""
+    return lab.metadata("flows/%s/runs/%s" % (dag_id, mf_run))
 
 
 def import_errors(api, needle):
@@ -275,7 +272,8 @@ def test_tunnel_client_config_and_doctor_from_a_workstation(deployed, lab, tmp_p
         ok = doctor(lab, profiles, "viatunnel", password=lab.secret("MFS_AIRFLOW_PASSWORD_ADMIN"))
         assert ok.returncode == 0, ok.stdout
         for line in ("ok   airflow ", "ok   airflow-auth ", "ok   airflow-login ",
-                     "ok   object-store ", "ok   metadata "):
+                     "ok   object-store ", "ok   metadata ", "ok   metadata-auth ",
+                     "ok   metaflow-ui "):
             assert line in ok.stdout, ok.stdout
         # A wrong password and wrong keys are named as such.
         prof["METAFLOW_DATATOOLS_CLIENT_PARAMS"]["aws_secret_access_key"] = "wrong"

@@ -79,9 +79,20 @@ def flow_files(lab):
 
 
 def metadata_runs(lab):
-    """Metaflow's own record of the flow's runs (local metadata volume)."""
-    return set(lab.sh("docker run --rm -v metaflow-services-metaflow-local:/m mfs-airflow:test "
-                      "ls /m/.metaflow/DeployCheckFlow").split()) - {"_meta", "data"}
+    """Metaflow's own record of the flow's runs: the metadata service's."""
+    return {r["run_number"] for r in lab.metadata("flows/DeployCheckFlow/runs")}
+
+
+def ui_runs(lab):
+    """The runs the Metaflow UI lists (its backend, through the proxy, with
+    the UI's password)."""
+    import requests
+
+    r = requests.get("https://%s:8443/api/flows/DeployCheckFlow/runs" % VM_IP, verify=lab.ca,
+                     timeout=60, params={"_limit": 100},
+                     auth=("metaflow", lab.secret("MFS_METAFLOW_UI_PASSWORD")))
+    r.raise_for_status()
+    return {run["run_number"] for run in r.json()["data"]}
 
 
 # ---------------------------------------------------------------------------
@@ -156,13 +167,14 @@ def test_backup_writes_one_checked_archive_and_copies_it_here(stack, tmp_path_fa
     lab = stack
     lab.results["before_backup"] = airflow_snapshot(lab)
     lab.results["metaflow_runs"] = metadata_runs(lab)
+    assert lab.results["metaflow_runs"] and ui_runs(lab) == lab.results["metaflow_runs"]
     here = tmp_path_factory.mktemp("backups")
     with _timed("fab backup --to (small stack)"):
         res = lab.fab("backup", "--to", str(here))
     (CACHE / "backup.log").write_text(str(res))
     assert res.returncode == 0, str(res)
     out = res.output
-    for part in ("postgres: airflow", "bucket metaflow:", "volume metaflow-local:",
+    for part in ("postgres: airflow", "postgres: metaflow", "bucket metaflow:",
                  "volume airflow-logs:", "flows folder:", "configuration: secrets",
                  "backup written:", "checksum matches"):
         assert part in out, part
@@ -354,7 +366,10 @@ def test_restore_onto_a_new_bare_vm(stack):
     assert not missing, missing
     assert after["join_log"] == before["join_log"]
     assert_first_run_intact(lab)                       # artifacts read back through S3
+    # Metaflow's record of the runs is back: the metadata service (what the
+    # client reads) and the UI list every run taken before the backup.
     assert metadata_runs(lab) == lab.results["metaflow_runs"]
+    assert ui_runs(lab) == lab.results["metaflow_runs"]
     # The same secrets: the old password still logs in; the flows are back.
     assert lab.airflow_token().status_code in (200, 201)
     assert flow_files(lab) == lab.results["flow_files"]
