@@ -942,6 +942,10 @@ def client_config(c, name="", directory="", tunnel=False, config=None, verbose=F
         ca = folder / ("%s-ca.pem" % name)
         ca.write_text(cert)
         profile["METAFLOW_S3_VERIFY_CERTIFICATE"] = str(ca)
+        if st["metaflow_services"]:
+            # Read by this project's Metaflow extension (Metaflow has no CA
+            # setting for the metadata service).
+            profile["METAFLOW_SERVICE_VERIFY_CERTIFICATE"] = str(ca)
         ca_note = ca
     path = folder / ("config_%s.json" % name)
     fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -956,10 +960,13 @@ def client_config(c, name="", directory="", tunnel=False, config=None, verbose=F
     out.info("check it: metaflow-services doctor --profile %s" % name)
     if tunnel:
         out.info("it needs the tunnel open: fab -H %s tunnel" % r.host)
-    if ca_note:
-        out.info("the VM's certificate is self-signed: %s; for the metadata service also "
-                 "export REQUESTS_CA_BUNDLE=%s (or give the VM a trusted certificate)"
-                 % (ca_note, ca_note))
+    if ca_note and st["metaflow_services"]:
+        out.info("the VM's certificate is self-signed: %s; the profile trusts it for S3, and "
+                 "for the metadata service where metaflow-services is installed (pip install "
+                 "it next to metaflow; else export REQUESTS_CA_BUNDLE=%s, or give the VM a "
+                 "trusted certificate)" % (ca_note, ca_note))
+    elif ca_note:
+        out.info("the VM's certificate is self-signed: %s (the profile trusts it)" % ca_note)
     if not st["metaflow_services"]:
         out.warn("this deployment runs without the metadata service: runs from a laptop keep "
                  "their metadata on the laptop (artifacts still go to the VM's object store)")

@@ -4,9 +4,9 @@ Chromium and this client are all there is, and the protocol gives what the
 tests look at (the page's text, network events such as websocket handshakes,
 a screenshot).
 
-    with Browser(ignore_certificate_errors=True) as b:
-        b.navigate("https://user:password@host:8443/")
-        b.wait_for_text("start", timeout=60)
+    with Browser(ignore_certificate_errors=True, credentials=("user", "password")) as b:
+        b.navigate("https://host:8443/")
+        b.wait_for(lambda text: "start" in text, 60, "the start step")
         b.screenshot(path)
 """
 
@@ -30,7 +30,14 @@ def chromium_binary():
 
 
 class Browser:
-    def __init__(self, ignore_certificate_errors=False, width=1400, height=1000):
+    def __init__(self, ignore_certificate_errors=False, credentials=None, width=1400,
+                 height=1000):
+        # (user, password) for sites behind HTTP basic authentication: sent
+        # with every request of the page, as the browser does once a person
+        # has typed them into its dialog. (Credentials in the URL are no
+        # substitute: pages that build request URLs from their own address
+        # then carry them, and fetch() refuses such URLs.)
+        self.credentials = credentials
         self.flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                       "--no-first-run", "--no-default-browser-check",
                       "--window-size=%d,%d" % (width, height)]
@@ -62,6 +69,11 @@ class Browser:
         self.ws = websocket.create_connection(page, timeout=30, suppress_origin=True)
         for domain in ("Page", "Network", "Runtime"):
             self.call(domain + ".enable")
+        if self.credentials:
+            import base64 as b64
+
+            token = b64.b64encode(("%s:%s" % self.credentials).encode()).decode()
+            self.call("Network.setExtraHTTPHeaders", headers={"Authorization": "Basic " + token})
         return self
 
     def __exit__(self, *exc):
@@ -88,12 +100,18 @@ class Browser:
 
     # -- the protocol --------------------------------------------------------------
 
+    def _send(self, method, params):
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        return self._id
+
+    def _event(self, msg):
+        self.events.append(msg)
+
     def call(self, method, **params):
         """Sends one command and returns its result; events that arrive in
         the meantime are kept in self.events."""
-        self._id += 1
-        my_id = self._id
-        self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
+        my_id = self._send(method, params)
         while True:
             msg = json.loads(self.ws.recv())
             if msg.get("id") == my_id:
@@ -101,7 +119,7 @@ class Browser:
                     raise RuntimeError("%s: %s" % (method, msg["error"]))
                 return msg.get("result", {})
             if "method" in msg:
-                self.events.append(msg)
+                self._event(msg)
 
     def pump(self, seconds):
         """Collects events for a while."""
@@ -114,7 +132,7 @@ class Browser:
                 except Exception:
                     continue
                 if "method" in msg:
-                    self.events.append(msg)
+                    self._event(msg)
         finally:
             self.ws.settimeout(30)
 

@@ -94,12 +94,12 @@ def test_client_config_points_at_the_metadata_service(deployed, lab):
 
 
 @pytest.fixture
-def browser(request, tmp_path):
+def browser(request, lab):
     from browser import Browser, chromium_binary
 
     if not chromium_binary():
         pytest.fail("no Chromium on this machine: scripts/host-setup installs Debian's chromium")
-    with Browser(ignore_certificate_errors=True) as b:
+    with Browser(ignore_certificate_errors=True, credentials=ui_auth(lab)) as b:
         yield b
         failed = getattr(request.node, "rep_call", None)
         if failed is None or failed.failed:
@@ -119,9 +119,7 @@ def test_the_metaflow_ui_shows_a_run_in_a_browser(deployed, lab, browser):
     password, the run page of the check flow's foreach run shows its steps and
     tasks, and the live-update websocket (/api/ws) connects."""
     run_id, mf_run = lab.results["flow_run"]
-    user, password = ui_auth(lab)
-    base = "https://%s:%s@%s:8443" % (user, password, VM_IP)
-    browser.navigate("%s/DeployCheckFlow/%s" % (base, mf_run))
+    browser.navigate("https://%s:8443/DeployCheckFlow/%s" % (VM_IP, mf_run))
     text = browser.wait_for(lambda t: all(s in t for s in ("square", "join")), 90,
                             "the run's steps")
     assert mf_run in text or "DeployCheckFlow" in text, text[:2000]

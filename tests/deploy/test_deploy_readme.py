@@ -119,6 +119,11 @@ def test_the_readme_walkthrough_as_root(user_shell, lab):
     token = lab.airflow_token(password=password)
     assert token.status_code in (200, 201), token.text
     api = lab.airflow()
+    # Airflow's dag-processor picks the compiled DAG up within seconds.
+    deadline = time.time() + 90
+    while api.get("https://%s/api/v2/dags/MyFlow" % VM_IP, timeout=30).status_code != 200:
+        assert time.time() < deadline, "MyFlow is not in Airflow 90 s after push-flows"
+        time.sleep(2)
     api.patch("https://%s/api/v2/dags/MyFlow" % VM_IP, json={"is_paused": False},
               timeout=30).raise_for_status()
     run_id, state, tis = lab.run_dag("MyFlow", {"greeting": "hi"}, timeout=600)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from deploylab import DATA_DIR, INSTALL_DIR, ONE_SHOTS, TIMINGS, VM_IP, VENV_BIN, fab_env
+from deploylab import DATA_DIR, IMAGES, INSTALL_DIR, ONE_SHOTS, TIMINGS, VM_IP, VENV_BIN, fab_env
 
 pytestmark = pytest.mark.deploy
 
@@ -200,7 +200,7 @@ def test_a_second_deploy_changes_nothing(deployed, lab):
     out = with_bundle.output
     for line in ("stack files in %s\n    ok unchanged, skipped" % INSTALL_DIR,
                  "ok all present, skipped",
-                 "ok all 5 images of the bundle already loaded, upload skipped",
+                 "ok all %d images of the bundle already loaded, upload skipped" % len(IMAGES),
                  "ok all %d services up to date, nothing restarted" % len(before),
                  "ok skipped (nothing changed",
                  "(nothing changed)."):
@@ -314,7 +314,7 @@ def test_client_config_lets_a_laptop_use_the_object_store(deployed, lab, tmp_pat
     assert oct(cfg_path.stat().st_mode & 0o777) == "0o600"
     cfg = json.loads(cfg_path.read_text())
     assert cfg["METAFLOW_S3_ENDPOINT_URL"] == "https://%s:9000" % VM_IP
-    assert cfg["METAFLOW_DEFAULT_METADATA"] == "local"  # no metadata service in this variant
+    assert cfg["METAFLOW_DEFAULT_METADATA"] == "service"
     # A flow run on the "laptop" with the profile stores its artifacts on the VM.
     flow = tmp_path / "laptop_flow.py"
     flow.write_text(FLOW.read_text().replace("DeployCheckFlow", "LaptopFlow"))
@@ -327,6 +327,10 @@ def test_client_config_lets_a_laptop_use_the_object_store(deployed, lab, tmp_pat
     keys = [o["Key"] for o in lab.s3().list_objects_v2(
         Bucket="metaflow", Prefix="metaflow/LaptopFlow/")["Contents"]]
     assert any("/join/" in k and k.endswith("/0.data.json") for k in keys), keys[:20]
+    # ...and records the run in the deployment's metadata service, under the
+    # laptop's user.
+    runs = lab.metadata("flows/LaptopFlow/runs")
+    assert [r["user_name"] for r in runs] == ["laptop-user"], runs
 
 
 # ---------------------------------------------------------------------------

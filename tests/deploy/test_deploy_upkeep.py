@@ -92,7 +92,9 @@ def ui_runs(lab):
                      timeout=60, params={"_limit": 100},
                      auth=("metaflow", lab.secret("MFS_METAFLOW_UI_PASSWORD")))
     r.raise_for_status()
-    return {run["run_number"] for run in r.json()["data"]}
+    # The UI backend numbers runs itself (run_number) and gives Metaflow's
+    # run id (af-...) as run_id.
+    return {run["run_id"] for run in r.json()["data"]}
 
 
 # ---------------------------------------------------------------------------

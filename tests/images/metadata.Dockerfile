@@ -12,25 +12,28 @@
 ARG BASE=mfs-base:bookworm
 FROM ${BASE}
 COPY host-ca.crt /etc/ssl/host-ca.crt
-# gcc and libpq-dev: upstream asks for psycopg2, a C build (as the official
-# image does it).
+COPY metaflow-service-2.5.1.tar.gz /tmp/
+# One layer: the C toolchain (upstream asks for psycopg2, a C build, as the
+# official image does it) is gone again before the layer is written, and so
+# are pip's and apt's caches. metaflow pinned to the version the project is
+# tested with (upstream asks for >=2.11.4: the UI backend reads logs and
+# artifacts through it).
 RUN apt-get update -qq \
  && apt-get install -y -qq --no-install-recommends python3 python3-venv python3-dev gcc \
       libpq-dev libpq5 ca-certificates curl >/dev/null \
- && rm -rf /var/lib/apt/lists/*
-COPY metaflow-service-2.5.1.tar.gz /tmp/
-RUN tar -xzf /tmp/metaflow-service-2.5.1.tar.gz -C /tmp \
+ && tar -xzf /tmp/metaflow-service-2.5.1.tar.gz -C /tmp \
  && mkdir -p /root \
  && cp -a /tmp/metaflow-service-2.5.1/services /tmp/metaflow-service-2.5.1/setup.py \
           /tmp/metaflow-service-2.5.1/setup.cfg /tmp/metaflow-service-2.5.1/run_goose.py /root/ \
- && rm -rf /tmp/metaflow-service-2.5.1 /tmp/metaflow-service-2.5.1.tar.gz
-WORKDIR /root
-# metaflow pinned to the version the project is tested with (upstream asks for
-# >=2.11.4: the UI backend reads logs and artifacts through it).
-RUN python3 -m venv /opt/latest \
+ && cd /root \
+ && python3 -m venv /opt/latest \
  && PIP_CERT=/etc/ssl/host-ca.crt /opt/latest/bin/pip install -q --no-cache-dir \
       "metaflow==2.19.39" . \
- && apt-get purge -y -qq gcc python3-dev >/dev/null && apt-get autoremove -y -qq >/dev/null
+ && rm -rf /root/build /root/*.egg-info /tmp/metaflow-service-2.5.1* \
+ && apt-get purge -y -qq gcc python3-dev libpq-dev >/dev/null \
+ && apt-get autoremove -y -qq >/dev/null \
+ && rm -rf /var/lib/apt/lists/* /root/.cache
+WORKDIR /root
 COPY metadata.goose.py /usr/local/bin/goose
 RUN chmod 0755 /usr/local/bin/goose
 ENV PATH=/opt/latest/bin:$PATH

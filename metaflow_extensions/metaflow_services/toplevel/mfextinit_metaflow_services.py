@@ -1,3 +1,3 @@
 # Loaded by Metaflow at the end of `import metaflow` (its "toplevel"
-# extension point). See prebuilt_environments.py.
-toplevel = "prebuilt_environments"
+# extension point). See metaflow_services_toplevel.py.
+toplevel = "metaflow_services_toplevel"
