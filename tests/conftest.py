@@ -60,6 +60,22 @@ def airflow(postgres, seaweedfs):
     af.stop()
 
 
+@pytest.fixture(scope="session")
+def metaflow_service(postgres, seaweedfs):
+    """The real Metaflow metadata service and UI backend (containers of the
+    test image mfs-metadata:test, built by scripts/prepare) on the test
+    PostgreSQL and SeaweedFS."""
+    svc = harness.MetaflowService(BASE, postgres, seaweedfs)
+    _RUNNING.append(svc)
+    try:
+        svc.start()
+    except Exception:
+        svc.stop()
+        raise
+    yield svc
+    svc.stop()
+
+
 def pytest_collection_modifyitems(session, config, items):
     """The deploy tests run last. Their VM's stack (a whole Airflow, PostgreSQL
     and object store) stays up until the session ends and would load this

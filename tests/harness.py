@@ -424,3 +424,126 @@ class AirflowAPI:
                     lines.append("%s: %s" % (err.get("exc_type"), err.get("exc_value")))
             return "\n".join(lines)
         return str(content)
+
+
+class MetaflowService:
+    """The real Metaflow metadata service and its UI backend (metaflow-service
+    2.5.1, the test image mfs-metadata:test built from the vendored upstream
+    source by tests/images/build), as containers on the host's network: a
+    `metaflow` role and database in the test PostgreSQL, the migrations
+    (run_goose.py), then both services on free loopback ports. The UI backend
+    reads task logs and artifacts from the tests' S3 server, as in the stack."""
+
+    IMAGE = "mfs-metadata:test"
+    LABEL = "metaflow-services.test"          # value: "metaflow-service"
+    PID_LABEL = "metaflow-services.test-pid"  # the test session that started it
+    DB = "metaflow"
+
+    def __init__(self, base: Path, postgres: Postgres, seaweedfs: SeaweedFS, image=None):
+        self.dir = base / "metaflow-service"
+        self.postgres = postgres
+        self.seaweedfs = seaweedfs
+        self.image = image or os.environ.get("MFS_TEST_METADATA_IMAGE", self.IMAGE)
+        self.port, self.ui_port = free_ports(2)
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.ui_url = "http://127.0.0.1:%d" % self.ui_port
+        tag = "%d-%s" % (os.getpid(), secrets.token_hex(3))
+        self.names = {role: "mfs-test-%s-%s" % (role, tag)
+                      for role in ("migrate", "metadata", "ui-backend")}
+        self.started = []
+
+    def _db_env(self):
+        return {"MF_METADATA_DB_HOST": "127.0.0.1", "MF_METADATA_DB_PORT": str(self.postgres.port),
+                "MF_METADATA_DB_USER": "metaflow", "MF_METADATA_DB_PSWD": "metaflow-test",
+                "MF_METADATA_DB_NAME": self.DB, "MF_MIGRATION_ENDPOINTS_ENABLED": "0"}
+
+    def _docker_run(self, role, argv, env, detach=True):
+        name = self.names[role]
+        cmd = ["docker", "run", "--name", name, "--network", "host", "--init",
+               "--label", "%s=metaflow-service" % self.LABEL,
+               "--label", "%s=%d" % (self.PID_LABEL, os.getpid())]
+        for k, v in env.items():
+            cmd += ["-e", "%s=%s" % (k, v)]
+        cmd += ["-d"] if detach else []
+        proc = subprocess.run(cmd + [self.image] + argv, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        self.started.append(name)
+        if proc.returncode != 0:
+            raise RuntimeError("%s (%s) failed:\n%s%s" % (role, " ".join(argv), proc.stdout[-3000:],
+                                                          self.logs(role)))
+        return proc.stdout
+
+    def logs(self, role, tail=60):
+        proc = subprocess.run(["docker", "logs", "--tail", str(tail), self.names[role]],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return proc.stdout if proc.returncode == 0 else ""
+
+    @classmethod
+    def remove_leftovers(cls):
+        """Containers of earlier test sessions that died without stopping them
+        (their session's process is gone)."""
+        out = subprocess.run(["docker", "ps", "-a", "--filter", "label=%s=metaflow-service" % cls.LABEL,
+                              "--format", '{{.Names}} {{.Label "%s"}}' % cls.PID_LABEL],
+                             stdout=subprocess.PIPE, text=True, check=True).stdout
+        stale = []
+        for line in out.splitlines():
+            name, _, pid = line.partition(" ")
+            try:
+                os.kill(int(pid), 0)
+            except (ValueError, ProcessLookupError):
+                stale.append(name)
+            except PermissionError:  # alive, another user's
+                pass
+        if stale:
+            subprocess.run(["docker", "rm", "-f"] + stale, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+
+    def start(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.remove_leftovers()
+        subprocess.run(["docker", "rm", "-f"] + list(self.names.values()),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.postgres.psql("CREATE ROLE metaflow LOGIN PASSWORD 'metaflow-test'")
+        self.postgres.psql("CREATE DATABASE %s OWNER metaflow" % self.DB)
+        db = self._db_env()
+        self._docker_run("migrate", ["/opt/latest/bin/python3", "/root/run_goose.py", "--wait", "60"],
+                         db, detach=False)
+        self._docker_run("metadata", ["/opt/latest/bin/python3", "-m",
+                                      "services.metadata_service.server"],
+                         dict(db, MF_METADATA_HOST="127.0.0.1", MF_METADATA_PORT=str(self.port),
+                              MF_METADATA_DB_POOL_MAX="10"))
+        ui_env = dict(db, **self.seaweedfs.env())
+        ui_env.update({
+            "MF_UI_METADATA_HOST": "127.0.0.1", "MF_UI_METADATA_PORT": str(self.ui_port),
+            "PATH_PREFIX": "/api", "UI_ENABLED": "0",
+            "METAFLOW_DEFAULT_METADATA": "service", "METAFLOW_SERVICE_URL": self.url,
+            # One worker per cache (the default 16/16/8 processes take ~2 GB).
+            "CACHE_ARTIFACT_MAX_ACTIONS": "1", "CACHE_DAG_MAX_ACTIONS": "1",
+            "CACHE_LOG_MAX_ACTIONS": "1",
+            "CACHE_ARTIFACT_STORAGE_LIMIT": "200000000", "CACHE_DAG_STORAGE_LIMIT": "100000000",
+            "CACHE_LOG_STORAGE_LIMIT": "100000000",
+            "MAX_PROCESSABLE_S3_ARTIFACT_SIZE_KB": "1024",
+        })
+        self._docker_run("ui-backend", ["/opt/latest/bin/python3", "-m",
+                                        "services.ui_backend_service.ui_server"], ui_env)
+        wait_for(lambda: self._pings("metadata", self.url + "/ping"), 120, "the metadata service")
+        wait_for(lambda: self._pings("ui-backend", self.ui_url + "/api/ping"), 180,
+                 "the Metaflow UI backend")
+        return self
+
+    def _pings(self, role, url):
+        state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", self.names[role]],
+                               stdout=subprocess.PIPE, text=True).stdout.strip()
+        if state != "true":
+            raise RuntimeError("the %s container exited:\n%s" % (role, self.logs(role)))
+        return requests.get(url, timeout=5).status_code == 200
+
+    def stop(self):
+        """Removes the containers (their logs stay in self.dir)."""
+        for role, name in self.names.items():
+            if name in self.started:
+                (self.dir / ("%s.log" % role)).write_text(self.logs(role, tail=2000))
+        if self.started:
+            subprocess.run(["docker", "rm", "-f"] + self.started, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        self.started = []

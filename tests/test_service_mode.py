@@ -1,94 +1,285 @@
-"""Runs recorded in a real Metaflow metadata service, logs read through the UI
-backend. The service is not obtainable on the CI machines (its images are not
-reachable and it is not on PyPI), so these tests run only when pointed at one:
+"""Runs recorded in a real Metaflow metadata service and read back through it,
+through its UI backend (what the Metaflow UI shows) and through the Metaflow
+client, as on the deployed stack (compose/metaflow.yaml).
 
-    MFS_TEST_METADATA_URL=http://127.0.0.1:8080     (metadata service)
-    MFS_TEST_UI_URL=http://127.0.0.1:8083           (UI backend, for the logs test)
-
-The service must read the same S3 bucket as these tests (SeaweedFS started by
-the tests: conftest.SEAWEED has its endpoint and keys).
+The service and the UI backend are the upstream metaflow-service 2.5.1
+(the test image mfs-metadata:test, built from the vendored source by
+scripts/prepare), started by the `metaflow_service` fixture on the tests'
+PostgreSQL and SeaweedFS. The flows run through the session's real Airflow
+with METAFLOW_DEFAULT_METADATA=service: with the subprocess executor, and the
+linear and foreach flows again in step containers (docker executor, host
+network). About 2.5 minutes on a 2-core machine.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 import requests
 
 import harness
-from support import BASE, FLOWS, METAFLOW_ENV, compile_flow
+from support import BASE, FLOWS, GRACE, MFLOCAL, TEST_USER, compile_flow, docker_available
 
-METADATA_URL = os.environ.get("MFS_TEST_METADATA_URL")
-UI_URL = os.environ.get("MFS_TEST_UI_URL")
+pytestmark = [pytest.mark.service, pytest.mark.e2e]
 
-pytestmark = [
-    pytest.mark.service,
-    pytest.mark.skipif(not METADATA_URL, reason="MFS_TEST_METADATA_URL is not set: no Metaflow "
-                       "metadata service to test against (its images are not obtainable here)"),
-]
+STEP_IMAGE = "mfs-step:test"
+
+# key -> (executor, dag id, trigger conf)
+RUNS = {
+    "linear": ("subprocess", "LinearFlow", {"count": 5}),
+    "foreach": ("subprocess", "ForeachFlow", {"width": 3}),
+    "retry": ("subprocess", "RetryCatchFlow", {}),
+    "linear_docker": ("docker", "LinearFlow", {"count": 6}),
+    "foreach_docker": ("docker", "ForeachFlow", {"width": 2}),
+}
+
+
+class ServiceRuns:
+    def __init__(self, service, api):
+        self.service = service
+        self.api = api
+        self.airflow_runs = {}  # key -> Airflow run id
+        self.states = {}
+
+    def dag_id(self, key):
+        return RUNS[key][1]
+
+    def run_id(self, key):
+        """The Metaflow run id."""
+        from metaflow_services.spec import run_id_for
+
+        return run_id_for(self.dag_id(key), self.airflow_runs[key])
+
+    def path(self, key):
+        return "/flows/%s/runs/%s" % (self.dag_id(key), self.run_id(key))
 
 
 @pytest.fixture(scope="module")
-def service_runs(postgres, seaweedfs):
-    env = dict(METAFLOW_ENV, METAFLOW_DEFAULT_METADATA="service",
-               METAFLOW_SERVICE_URL=METADATA_URL)
-    af = harness.Airflow(BASE / "service-mode", postgres, env, max_map_length=8,
-                         db="airflow_service_mode")
-    af.start({"MFS_EXECUTOR": "subprocess"})
-    try:
-        api = af.api()
-        for f in ("linear_flow.py", "foreach_flow.py"):
-            compile_flow(FLOWS / f, af.dags, env=env)
-        runs = {}
-        for dag_id, conf in (("LinearFlow", {}), ("ForeachFlow", {"width": 3})):
-            api.wait_for_dag(dag_id)
-            run_id = api.trigger(dag_id, conf, run_id="svc__%d" % time.time())
-            assert api.wait_for_run(dag_id, run_id) == "success"
-            from metaflow_services.spec import run_id_for
+def runs(airflow, metaflow_service):
+    svc_env = {"METAFLOW_DEFAULT_METADATA": "service", "METAFLOW_SERVICE_URL": metaflow_service.url}
+    for f in ("linear_flow.py", "foreach_flow.py", "retry_catch_flow.py"):
+        compile_flow(FLOWS / f, airflow.dags, env=svc_env)
+    api = airflow.api()
+    for dag_id in sorted({d for _, d, _ in RUNS.values()}):
+        api.wait_for_dag(dag_id)
+    r = ServiceRuns(metaflow_service, api)
+    before = dict(airflow.worker_env)
+    for executor in ("subprocess", "docker"):
+        if executor == "docker" and not docker_available():
+            pytest.fail("the docker executor needs a Docker engine (scripts/host-setup starts one)")
+        airflow.start_scheduler(harness.worker_env(
+            executor, BASE, MFLOCAL, STEP_IMAGE, MFS_TIMEOUT_GRACE_SECONDS=str(GRACE), **svc_env))
+        keys = [k for k, (e, _, _) in RUNS.items() if e == executor]
+        for key in keys:
+            _, dag_id, conf = RUNS[key]
+            r.airflow_runs[key] = api.trigger(dag_id, conf,
+                                              run_id="svc_%s__%d" % (key, time.time()))
+        for key in keys:
+            r.states[key] = api.wait_for_run(r.dag_id(key), r.airflow_runs[key], timeout=600)
+    yield r
+    # Later modules' runs record their metadata locally again.
+    airflow.start_scheduler(before)
 
-            runs[dag_id] = run_id_for(dag_id, run_id)
-        yield runs
-    finally:
-        af.stop()
+
+@pytest.fixture(scope="module")
+def client(metaflow_service):
+    """The Metaflow client of this process, reading from the service (as a
+    laptop with `fab client-config`'s profile does); back to the default after."""
+    from metaflow import default_metadata, metadata, namespace
+
+    metadata("service@%s" % metaflow_service.url)
+    namespace(None)
+    yield
+    default_metadata()
 
 
-def get(path):
-    r = requests.get(METADATA_URL.rstrip("/") + path, timeout=30)
+def ok(runs, key):
+    """The run succeeded in Airflow; on failure, the failed tasks' logs."""
+    if runs.states[key] != "success":
+        dag_id, run_id = runs.dag_id(key), runs.airflow_runs[key]
+        lines = ["DAG run %s/%s ended %s" % (dag_id, run_id, runs.states[key])]
+        for ti in runs.api.task_instances(dag_id, run_id):
+            if ti["state"] not in ("success", "skipped"):
+                lines.append("--- %s[%s] %s" % (ti["task_id"], ti["map_index"], ti["state"]))
+                try:
+                    lines.append(runs.api.task_log(dag_id, run_id, ti["task_id"],
+                                                   max(ti["try_number"], 1),
+                                                   ti["map_index"])[-3000:])
+                except Exception as e:
+                    lines.append("(no log: %s)" % e)
+        pytest.fail("\n".join(lines))
+    return runs.path(key)
+
+
+def metadata_api(runs, path, **params):
+    """GET from the metadata service (what the Metaflow client reads)."""
+    r = requests.get(runs.service.url + path, params=params, timeout=30)
     r.raise_for_status()
     return r.json()
 
 
-def test_runs_and_tasks_registered_under_the_expected_ids(service_runs):
-    run_id = service_runs["LinearFlow"]
-    # Non-numeric ids are stored as names (run_id / task_name) by the service.
-    run = get("/flows/LinearFlow/runs/%s" % run_id)
-    assert run["run_id"] == run_id
-    assert "airflow_dag_id:LinearFlow" in run["tags"]
-    steps = {s["step_name"] for s in get("/flows/LinearFlow/runs/%s/steps" % run_id)}
-    assert {"start", "a", "b", "end"} <= steps
-    tasks = get("/flows/LinearFlow/runs/%s/steps/start/tasks" % run_id)
-    assert [t["task_name"] for t in tasks] == ["t-0"]
-    each = get("/flows/ForeachFlow/runs/%s/steps/square/tasks" % service_runs["ForeachFlow"])
-    assert sorted(t["task_name"] for t in each) == ["t-0", "t-1", "t-2"]
-
-
-def test_run_metadata_names_the_airflow_task(service_runs):
-    run_id = service_runs["LinearFlow"]
-    meta = get("/flows/LinearFlow/runs/%s/steps/start/tasks/t-0/metadata" % run_id)
-    fields = {m["field_name"]: m["value"] for m in meta}
-    assert fields["airflow-dag-id"] == "LinearFlow"
-    assert fields["airflow-task-id"] == "start"
-
-
-@pytest.mark.skipif(not UI_URL, reason="MFS_TEST_UI_URL is not set: no Metaflow UI backend")
-def test_logs_readable_through_the_ui_backend(service_runs):
-    run_id = service_runs["LinearFlow"]
-    url = "%s/api/flows/LinearFlow/runs/%s/steps/start/tasks/t-0/logs/out" % (
-        UI_URL.rstrip("/"), run_id)
-    r = requests.get(url, timeout=60)
-    if r.status_code == 404:  # UI backend without PATH_PREFIX=/api
-        r = requests.get(url.replace("/api/", "/", 1), timeout=60)
+def ui_api(runs, path, **params):
+    """GET from the UI backend (what the Metaflow UI shows): its `data`."""
+    r = requests.get(runs.service.ui_url + "/api" + path, params=params, timeout=120)
     r.raise_for_status()
-    assert "start stdout line" in r.text
+    return r.json()["data"]
+
+
+def by_attempt(metadata, field):
+    return {int(m["tags"][0].split(":")[1]): m["value"] for m in metadata
+            if m["field_name"] == field and m["tags"] and m["tags"][0].startswith("attempt_id:")}
+
+
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["linear", "linear_docker"])
+def test_run_registered_under_its_id_with_steps_tasks_and_tags(runs, key):
+    path = ok(runs, key)
+    airflow_run = runs.airflow_runs[key]
+    run = metadata_api(runs, path)
+    assert run["flow_id"] == "LinearFlow"
+    assert run["run_number"] == runs.run_id(key)  # the string id af-..., as the service keeps it
+    assert run["user_name"] == TEST_USER
+    assert {"airflow_dag_id:LinearFlow", "airflow_run_id:%s" % airflow_run} <= set(run["tags"])
+    assert {"runtime:airflow3", "user:%s" % TEST_USER} <= set(run["system_tags"])
+    steps = {s["step_name"] for s in metadata_api(runs, path + "/steps")}
+    assert steps == {"_parameters", "start", "a", "b", "end"}
+    for step in ("start", "a", "b", "end"):
+        tasks = metadata_api(runs, path + "/steps/%s/tasks" % step)
+        assert [(t["task_id"], t["run_number"]) for t in tasks] == [("t-0", runs.run_id(key))]
+    # The Metaflow UI lists the run as completed, under the same id and tags.
+    listed = {r["run_id"]: r for r in ui_api(runs, "/flows/LinearFlow/runs", _limit=100)}
+    ui_run = listed[runs.run_id(key)]
+    assert ui_run["status"] == "completed"
+    assert ui_run["run"] == runs.run_id(key)
+    assert "airflow_run_id:%s" % airflow_run in ui_run["tags"]
+
+
+@pytest.mark.parametrize("key,step,task", [("linear", "start", "t-0"),
+                                           ("linear_docker", "b", "t-0"),
+                                           ("foreach", "plus_one", "t-2"),
+                                           ("foreach_docker", "square", "t-1")])
+def test_task_metadata_names_the_airflow_task_that_ran_it(runs, key, step, task):
+    path = ok(runs, key)
+    meta = metadata_api(runs, path + "/steps/%s/tasks/%s/metadata" % (step, task))
+    fields = {m["field_name"]: m["value"] for m in meta}
+    assert fields["airflow-dag-id"] == runs.dag_id(key)
+    assert fields["airflow-run-id"] == runs.airflow_runs[key]
+    assert fields["mfs-executor"] == RUNS[key][0]
+    assert fields["attempt_ok"] == "True"
+    # That task instance exists in Airflow, ran once and succeeded.
+    tis = {(ti["task_id"], ti["map_index"]): ti
+           for ti in runs.api.task_instances(runs.dag_id(key), runs.airflow_runs[key])}
+    ti = tis[(fields["airflow-task-id"], int(fields["airflow-map-index"]))]
+    assert ti["state"] == "success"
+    assert str(ti["try_number"]) == fields["airflow-try-number"] == "1"
+    assert fields["airflow-task-id"].split(".")[-1] == step
+
+
+@pytest.mark.parametrize("key", ["foreach", "foreach_docker"])
+def test_foreach_tasks_per_split(runs, client, key):
+    from metaflow import Run
+
+    path = ok(runs, key)
+    width = RUNS[key][2]["width"]
+    split_ids = {"t-%d" % i for i in range(width)}
+    for step, expected in (("start", {"t-0"}), ("square", split_ids), ("plus_one", split_ids),
+                           ("join", {"t-0"}), ("end", {"t-0"})):
+        tasks = metadata_api(runs, path + "/steps/%s/tasks" % step)
+        assert {t["task_id"] for t in tasks} == expected, step
+        # The UI shows each as one completed attempt.
+        shown = ui_api(runs, path + "/steps/%s/tasks" % step, _limit=100)
+        assert sorted((t["task_name"], t["attempt_id"], t["status"]) for t in shown) == \
+            sorted((t, 0, "completed") for t in expected), step
+    run = Run("ForeachFlow/%s" % runs.run_id(key))
+    assert run.successful
+    # Task t-i ran split i.
+    squares = {t.id: (t.index, t.data.value) for t in run["square"]}
+    assert squares == {"t-%d" % i: (i, i * i) for i in range(width)}
+    assert run["join"].task.data.values == [i * i + 1 for i in range(width)]
+
+
+def test_retried_attempts_recorded_in_the_service(runs, client):
+    from metaflow import Run, Task
+
+    path = ok(runs, "retry")
+    for step in ("start", "flaky"):
+        meta = metadata_api(runs, path + "/steps/%s/tasks/t-0/metadata" % step)
+        # Attempt 0 failed, attempt 1 (Airflow's second try) succeeded.
+        assert by_attempt(meta, "attempt_ok") == {0: "False", 1: "True"}, step
+        assert by_attempt(meta, "airflow-try-number") == {0: "1", 1: "2"}, step
+        shown = ui_api(runs, path + "/steps/%s/tasks" % step, _limit=100)
+        assert sorted((t["task_name"], t["attempt_id"], t["status"]) for t in shown) == \
+            [("t-0", 0, "failed"), ("t-0", 1, "completed")], step
+    # One Metaflow task per step, one parameters task although start ran twice.
+    assert [t["task_id"] for t in metadata_api(runs, path + "/steps/start/tasks")] == ["t-0"]
+    assert [t["task_id"] for t in metadata_api(runs, path + "/steps/_parameters/tasks")] == \
+        ["params"]
+    # The failed attempt's traceback is in its log; the retry's log is clean.
+    first = "\n".join(r["line"] for r in ui_api(
+        runs, path + "/steps/flaky/tasks/t-0/logs/err", attempt_id=0))
+    assert "RuntimeError: flaky fails on its first attempt" in first
+    second = "\n".join(r["line"] for r in ui_api(
+        runs, path + "/steps/flaky/tasks/t-0/logs/err", attempt_id=1))
+    assert "attempt 1 starting" in second and "RuntimeError" not in second
+    run = Run("RetryCatchFlow/%s" % runs.run_id("retry"))
+    assert run.successful
+    flaky = run["flaky"].task
+    assert flaky.current_attempt == 1 and flaky.data.flaky_attempt == 1
+    assert not Task(flaky.pathspec, attempt=0).successful
+    join = run["join"].task.data
+    assert join.flaky_attempt == 1
+    assert "caught by @catch" in join.raised  # @catch's value recorded as an artifact
+
+
+@pytest.mark.parametrize("key", ["linear", "linear_docker"])
+def test_logs_read_through_the_ui_backend_and_the_client(runs, client, key):
+    from metaflow import Run
+
+    path = ok(runs, key)
+    out = [r["line"] for r in ui_api(runs, path + "/steps/start/tasks/t-0/logs/out")]
+    assert "start stdout line" in out
+    err = [r["line"] for r in ui_api(runs, path + "/steps/start/tasks/t-0/logs/err")]
+    assert "start stderr line" in err
+    doubled = RUNS[key][2]["count"] * 2
+    end = [r["line"] for r in ui_api(runs, path + "/steps/end/tasks/t-0/logs/out")]
+    assert "done %d" % doubled in end
+    run = Run("LinearFlow/%s" % runs.run_id(key))
+    assert "start stdout line" in run["start"].task.stdout
+    assert "start stderr line" in run["start"].task.stderr
+
+
+@pytest.mark.parametrize("key", ["linear", "linear_docker"])
+def test_artifacts_read_through_the_client_and_the_ui_backend(runs, client, key):
+    from metaflow import Flow, Run
+
+    path = ok(runs, key)
+    count = RUNS[key][2]["count"]
+    run = Run("LinearFlow/%s" % runs.run_id(key))
+    assert run.successful
+    assert run["start"].task.data.seen["count"] == count
+    assert run["b"].task.data.doubled == count * 2
+    assert run["a"].task.data.env_value == "from-environment-decorator"
+    assert {"airflow_dag_id:LinearFlow", "airflow_run_id:%s" % runs.airflow_runs[key]} <= run.tags
+    # The client finds the run among the flow's runs by its Airflow tags.
+    tagged = list(Flow("LinearFlow").runs("airflow_run_id:%s" % runs.airflow_runs[key]))
+    assert [r.id for r in tagged] == [runs.run_id(key)]
+    # The UI shows the artifacts' values (postprocess=true reads them from S3).
+    arts = {a["name"]: a for a in ui_api(runs, path + "/steps/b/tasks/t-0/artifacts",
+                                         postprocess="true", _limit=100)}
+    assert arts["doubled"]["content"] == str(count * 2)
+    assert arts["count"]["content"] == str(count)
+    assert arts["doubled"]["run_id"] == runs.run_id(key) and arts["doubled"]["task_name"] == "t-0"
+
+
+def test_ui_backend_draws_the_run_graph(runs):
+    path = ok(runs, "foreach")
+    # The Metaflow UI draws a run's graph from what the run recorded (the
+    # parameters task's _graph_info): a foreach of two steps, then the join.
+    dag = ui_api(runs, path + "/dag")
+    assert dag["graph_structure"] == ["start", [["square", "plus_one"]], "join", "end"]
+    assert dag["steps"]["start"]["type"] == "split-foreach"
+    assert dag["steps"]["start"]["foreach_artifact"] == "items"
+    assert dag["steps"]["join"]["type"] == "join"
