@@ -76,12 +76,26 @@ def metaflow_service(postgres, seaweedfs):
     svc.stop()
 
 
+# The deploy test modules share one VM and run in this order: refusals on the
+# bare VM; the first deploy and what users do with it; backup, upgrade and
+# restore (onto a new bare VM); worker VMs; the lean variant last (it switches
+# the Metaflow services off).
+DEPLOY_ORDER = ["test_deploy_refusals", "test_deploy_stack", "test_deploy_stack_flows",
+                "test_deploy_metaflow", "test_deploy_readme", "test_deploy_upkeep",
+                "test_deploy_workers", "test_deploy_lean"]
+
+
 def pytest_collection_modifyitems(session, config, items):
     """The deploy tests run last. Their VM's stack (a whole Airflow, PostgreSQL
     and object store) stays up until the session ends and would load this
     machine under the end-to-end tests, whose step deadlines (@timeout plus
     grace) are real."""
-    items.sort(key=lambda item: item.get_closest_marker("deploy") is not None)
+    def key(item):
+        if item.get_closest_marker("deploy") is None:
+            return (0, 0)
+        name = item.module.__name__.rsplit(".", 1)[-1]
+        return (1, DEPLOY_ORDER.index(name) if name in DEPLOY_ORDER else len(DEPLOY_ORDER))
+    items.sort(key=key)
 
 
 def pytest_runtest_setup(item):
