@@ -60,7 +60,7 @@ def airflow(postgres, seaweedfs):
     af.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def metaflow_service(postgres, seaweedfs):
     """The real Metaflow metadata service and UI backend (containers of the
     test image mfs-metadata:test, built by scripts/prepare) on the test

@@ -137,11 +137,16 @@ def test_a_worker_dying_mid_task_is_retried_on_another_as_the_next_attempt(edge)
     af, api, workers = edge
     run_id = api.trigger("SpreadFlow", {"width": 1, "hang": 600})
     deadline = time.time() + 300
-    while not workers.running("SpreadFlow", "slow"):
+    while True:
+        running = workers.running("SpreadFlow", "slow")
+        if running:
+            break
         assert time.time() < deadline, api.task_instances("SpreadFlow", run_id)
         time.sleep(1)
+    # The worker that took the task, as first seen (a second look can miss
+    # the job row while Airflow updates it).
+    ((victim, try_number),) = running.items()
     time.sleep(5)  # the step is sleeping in its first attempt
-    ((victim, try_number),) = workers.running("SpreadFlow", "slow").items()
     workers.crash(victim)
     t0 = time.time()
     state = api.wait_for_run("SpreadFlow", run_id, timeout=600)
