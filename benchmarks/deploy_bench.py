@@ -102,7 +102,7 @@ def main(argv=None):
     print("\n%-34s %10s" % ("container (idle)", "memory MB"))
     for name, v in sorted(per.items(), key=lambda kv: -kv[1]["mem_mb"]):
         print("%-34s %10.1f" % (name, v["mem_mb"]))
-    print("%-34s %10.1f   (target < 3072)" % ("total", results["idle_memory_total_mb"]))
+    print("%-34s %10.1f   (target < 2048)" % ("total", results["idle_memory_total_mb"]))
     print("first deploy from the bundle       %8.1fs" % results["first_deploy_seconds"])
     print("re-deploy, nothing changed         %8.1fs   (target < 30)"
           % results["redeploy_no_change_seconds"])
