@@ -71,8 +71,8 @@ class Watcher:
     passwd: Path | None = None
     # Runs of flows saved by root (how most people reach a fresh VM: `fab -H
     # root@vm push-flows`, scp as root) or by a uid the passwd file does not
-    # name are recorded under this user; Metaflow refuses to record runs as
-    # root. None: the watcher's own METAFLOW_USER.
+    # name are recorded under this user (`watch` passes its own
+    # METAFLOW_USER); Metaflow refuses to record runs as root.
     default_user: str | None = None
     heartbeat: Path | None = None      # touched after every scan (healthcheck)
     state: dict = field(default_factory=dict)   # rel path -> FlowState
@@ -321,8 +321,6 @@ def add_parser(sub):
     w.add_argument("--once", action="store_true", help="compile what is there, then exit")
     w.add_argument("--passwd", help="passwd file naming flow files' owners: their runs are "
                                     "recorded under the owner's name (METAFLOW_USER)")
-    w.add_argument("--default-user", help="runs of flows owned by root or by an unknown uid are "
-                                          "recorded under this user (default: METAFLOW_USER)")
     w.add_argument("--heartbeat", help="file touched after every scan (for a healthcheck)")
     w.set_defaults(func=run)
 
@@ -332,7 +330,8 @@ def run(args):
     os.makedirs(args.flows, exist_ok=True)
     w = Watcher(Path(args.flows), Path(args.dags), settle=args.settle,
                 passwd=Path(args.passwd) if args.passwd else None,
-                default_user=args.default_user or None,
+                # Its own METAFLOW_USER (the deploy's flows.default_user).
+                default_user=os.environ.get("METAFLOW_USER") or None,
                 heartbeat=Path(args.heartbeat) if args.heartbeat else None)
     if args.once:
         w.settle = 0

@@ -501,8 +501,6 @@ class MetaflowService:
     def start(self):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.remove_leftovers()
-        subprocess.run(["docker", "rm", "-f"] + list(self.names.values()),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.postgres.psql("CREATE ROLE metaflow LOGIN PASSWORD 'metaflow-test'")
         self.postgres.psql("CREATE DATABASE %s OWNER metaflow" % self.DB)
         db = self._db_env()

@@ -57,12 +57,15 @@ class Browser:
         self.profile = tempfile.mkdtemp(prefix="mfs-chromium-")
         self.proc = subprocess.Popen(
             [binary, *self.flags, "--remote-debugging-port=0", "--user-data-dir=" + self.profile,
-             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             "about:blank"], stdout=subprocess.DEVNULL,
+            # A file, not a pipe nobody drains (Chromium would block on it).
+            stderr=open(Path(self.profile) / "chromium.log", "wb"))
         port_file = Path(self.profile) / "DevToolsActivePort"
         deadline = time.time() + 60
         while not (port_file.exists() and port_file.read_text().strip()):
             if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("Chromium did not start: %s" % self.proc.stderr.read()[-2000:])
+                log = (Path(self.profile) / "chromium.log").read_text(errors="replace")
+                raise RuntimeError("Chromium did not start: %s" % log[-2000:])
             time.sleep(0.2)
         port = int(port_file.read_text().split()[0])
         page = self._page_ws_url(port)
@@ -70,9 +73,7 @@ class Browser:
         for domain in ("Page", "Network", "Runtime"):
             self.call(domain + ".enable")
         if self.credentials:
-            import base64 as b64
-
-            token = b64.b64encode(("%s:%s" % self.credentials).encode()).decode()
+            token = base64.b64encode(("%s:%s" % self.credentials).encode()).decode()
             self.call("Network.setExtraHTTPHeaders", headers={"Authorization": "Basic " + token})
         return self
 
@@ -144,10 +145,6 @@ class Browser:
     def text(self):
         res = self.call("Runtime.evaluate", expression="document.body ? document.body.innerText : ''",
                         returnByValue=True)
-        return res.get("result", {}).get("value", "")
-
-    def location(self):
-        res = self.call("Runtime.evaluate", expression="location.href", returnByValue=True)
         return res.get("result", {}).get("value", "")
 
     def wait_for(self, predicate, timeout, what):
