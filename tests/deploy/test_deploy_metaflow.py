@@ -118,6 +118,11 @@ def test_the_metaflow_ui_shows_a_run_in_a_browser(deployed, lab, browser):
     """Headless Chromium opens the Metaflow UI through the proxy with the UI's
     password, the run page of the check flow's foreach run shows its steps and
     tasks, and the live-update websocket (/api/ws) connects."""
+    if "flow_run" not in lab.results:   # this module alone: run the check flow first
+        from test_deploy_stack import \
+            test_a_flow_dropped_into_the_stack_runs_through_airflow as run_check_flow
+
+        run_check_flow(deployed, lab)
     run_id, mf_run = lab.results["flow_run"]
     browser.navigate("https://%s:8443/DeployCheckFlow/%s" % (VM_IP, mf_run))
     text = browser.wait_for(lambda t: all(s in t for s in ("square", "join")), 90,
