@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 
-from invoke.exceptions import Exit, UnexpectedExit
+from invoke.exceptions import Exit
 
 from .config import ConfigError
 
@@ -115,14 +115,20 @@ class Remote:
         through SFTP, not stdin (invoke feeds stdin a byte at a time)."""
         t0 = time.time()
         try:
-            return self._run(cmd, as_root, hide, timeout, warn, raw)
-        except UnexpectedExit as e:
-            r = e.result
-            detail = _tail(r.stderr) or _tail(r.stdout)
-            raise DeployError("%s failed (exit %d)%s"
-                              % (what or "a remote command", r.exited,
-                                 ": " + detail if detail else ""),
-                              "run again with --verbose to see the command and its output")
+            for attempt in range(1, TRANSIENT_TRIES + 1):
+                r = self._run(cmd, as_root, hide, timeout, True, raw)
+                if not (r.exited and _transient(r)) or attempt == TRANSIENT_TRIES:
+                    break
+                self.out.warn("Docker's runtime failed to start a process (%s); trying again"
+                              % TRANSIENT_SIGNATURE)
+                time.sleep(2 * attempt)
+            if r.exited and not warn:
+                detail = _tail(r.stderr) or _tail(r.stdout)
+                raise DeployError("%s failed (exit %d)%s"
+                                  % (what or "a remote command", r.exited,
+                                     ": " + detail if detail else ""),
+                                  "run again with --verbose to see the command and its output")
+            return r
         finally:
             if os.environ.get("MFS_DEPLOY_TIMINGS"):
                 self.out.info("[%.2fs] %s" % (time.time() - t0, what or cmd[:60]))
@@ -141,6 +147,17 @@ class Remote:
         """Upload to a path the login user can write (then move it as root)."""
         # Fabric keeps one SFTP session per connection: do not close it.
         self.c.sftp().put(str(local_path), remote_path, callback=progress)
+
+
+# runc's init process died before it ran anything (seen intermittently with
+# Docker 26 on a busy machine). Nothing was started, so running the same
+# command again is always safe, and it then succeeds.
+TRANSIENT_SIGNATURE = "read init-p: connection reset by peer"
+TRANSIENT_TRIES = 3
+
+
+def _transient(result):
+    return TRANSIENT_SIGNATURE in (result.stderr or "") + (result.stdout or "")
 
 
 class _Indented:

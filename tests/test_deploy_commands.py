@@ -401,3 +401,42 @@ def test_backup_options_are_checked():
                                                                   re.escape(expected))):
             opts(**{key: value})
     assert opts(**{"backup.schedule": "02:30"}).backup.schedule == "02:30"
+
+
+def _remote():
+    """Remote driving an invoke Context: the commands run for real in a local
+    shell instead of over SSH."""
+    import invoke
+
+    remote = deploy_module("remote")
+    c = invoke.Context()
+    c.user, c.host, c.port = "root", "localhost", 22
+    r = remote.Remote(c, remote.Out())
+    r.sudo_mode = "root"
+    return remote, r
+
+
+def test_a_process_runc_failed_to_start_is_run_again(tmp_path, capsys):
+    """Docker 26's runc intermittently loses its init process before it runs
+    anything ("read init-p: connection reset by peer"); the deploy tries the
+    command again instead of failing the whole deploy."""
+    remote, r = _remote()
+    marker = tmp_path / "tries"
+    script = ('echo x >> %s; if [ $(wc -l < %s) -lt 2 ]; then echo "OCI runtime exec failed: '
+              'waiting for init preliminary setup: read init-p: connection reset by peer: '
+              'unknown" >&2; exit 126; fi; echo started' % (marker, marker))
+    assert r.stdout(script, what="exec").strip() == "started"
+    assert marker.read_text().count("x") == 2
+    assert "trying again" in capsys.readouterr().out
+
+
+def test_other_failures_are_not_run_again(tmp_path):
+    remote, r = _remote()
+    marker = tmp_path / "tries"
+    with pytest.raises(remote.DeployError) as e:
+        r.run("echo x >> %s; echo 'no such service' >&2; exit 1" % marker, what="compose up")
+    assert marker.read_text().count("x") == 1
+    assert "compose up failed (exit 1): no such service" in str(e.value)
+    # warn=True: the caller gets the failed result, once.
+    assert r.run("echo x >> %s; exit 3" % marker, warn=True).exited == 3
+    assert marker.read_text().count("x") == 2
