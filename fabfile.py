@@ -18,10 +18,9 @@ file is deploy.yaml next to this file (see deploy.example.yaml) or --config.
 docs/deploy.md is the manual.
 """
 
-from deploy.operations import backup, restore, upgrade
-from deploy.workers import add_worker, remove_worker
-from deploy.tasks import (bundle, client_config, deploy, destroy, images, logs, prune_images,
-                          push_flows, secrets, start, status, stop, tunnel, unlock)
+from deploy.tasks import (add_worker, backup, bundle, client_config, deploy, destroy, images, logs,
+                          prune_images, push_flows, remove_worker, restore, secrets, start, status,
+                          stop, tunnel, unlock, upgrade)
 
 __all__ = ["add_worker", "backup", "bundle", "client_config", "deploy", "destroy", "images",
            "logs", "prune_images", "push_flows", "remove_worker", "restore", "secrets", "start",

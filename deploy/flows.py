@@ -12,20 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 from metaflow_services.watcher import defines_flow, package_files
 
+from . import commands as cmd
 from .remote import DeployError, Out, Remote
 
 STATE_FILE = "dags/.metaflow-services/state.json"
-
-
-def q(s):
-    return shlex.quote(str(s))
 
 
 # ---------------------------------------------------------------------------
@@ -36,8 +32,8 @@ def q(s):
 def read_state(r: Remote, data_dir) -> dict:
     """{flow path relative to the flows folder: its entry} (empty before the
     watcher's first compile)."""
-    text = r.stdout("cat %s 2>/dev/null || true" % q("%s/%s" % (data_dir, STATE_FILE)),
-                    as_root=False, what="reading the flow-watcher's state")
+    text = r.stdout(cmd.read_file("%s/%s" % (data_dir, STATE_FILE)), as_root=False,
+                    what="reading the flow-watcher's state")
     if not text.strip():
         return {}
     return json.loads(text).get("flows", {})
@@ -81,9 +77,7 @@ def local_files(folder: Path) -> dict:
 
 
 def remote_files(r: Remote, flows_dir) -> dict:
-    text = r.stdout(
-        "cd %s && find . -type f ! -path '*/.*' ! -path '*/__pycache__/*' -print0 | "
-        "xargs -0 -r sha256sum" % q(flows_dir), as_root=False, what="listing the flows on the VM")
+    text = r.stdout(cmd.file_digests(flows_dir), as_root=False, what="listing the flows on the VM")
     files = {}
     for line in text.splitlines():
         digest, _, path = line.partition("  ")
@@ -108,13 +102,12 @@ def push(r: Remote, out: Out, folder: Path, data_dir, airflow_url, delete=False,
     remote = remote_files(r, flows_dir)
     changed = sorted(rel for rel, digest in local.items() if remote.get(rel) != digest)
     gone = sorted(set(remote) - set(local)) if delete else []
-    t0 = float(r.stdout("date +%s.%N", as_root=False, what="reading the VM's clock"))
+    t0 = float(r.stdout(cmd.clock(), as_root=False, what="reading the VM's clock"))
     for rel in changed:
         _upload(r, folder / rel, "%s/%s" % (flows_dir, rel))
         out.info("%s %s" % ("updated" if rel in remote else "added  ", rel))
     if gone:
-        r.run("cd %s && rm -f -- %s" % (q(flows_dir), " ".join(q(g) for g in gone)),
-              as_root=False, what="removing flows")
+        r.run(cmd.remove_in(flows_dir, gone), as_root=False, what="removing flows")
         for rel in gone:
             out.info("removed %s" % rel)
     if not changed and not gone:
@@ -142,9 +135,9 @@ def _upload(r: Remote, local: Path, remote_path):
     parent = os.path.dirname(remote_path)
     tmp = "%s/.%s.push-%d" % (parent, os.path.basename(remote_path), os.getpid())
     try:
-        r.run("mkdir -p %s" % q(parent), as_root=False, what="creating %s" % parent)
+        r.run(cmd.make_dirs(parent), as_root=False, what="creating %s" % parent)
         r.put_file(local, tmp)
-        r.run("chmod 0664 %s && mv -f %s %s" % (q(tmp), q(tmp), q(remote_path)), as_root=False,
+        r.run(cmd.publish_upload(tmp, remote_path), as_root=False,
               what="moving %s into place" % remote_path)
     except (DeployError, PermissionError, OSError) as e:
         raise DeployError("cannot write %s on %s: %s" % (remote_path, r.host, getattr(e, "what", e)),

@@ -22,16 +22,14 @@ import traceback
 
 from invoke.exceptions import Exit
 
+from metaflow_services.errors import ExitCode, ServicesError
+
 from .config import ConfigError
 
 
-class DeployError(Exception):
-    """A failure the user can act on: *what* failed and *fix*, what to do."""
-
-    def __init__(self, what, fix=""):
-        super().__init__(what)
-        self.what = what
-        self.fix = fix
+class DeployError(ServicesError):
+    """A failure of a deploy command the user can act on: *what* failed and
+    *fix*, what to do."""
 
 
 # ---------------------------------------------------------------------------
@@ -198,10 +196,10 @@ def translate(e, host):
     """(what, fix) for an exception from connecting or running."""
     import paramiko
 
-    if isinstance(e, DeployError):
-        return e.what, e.fix
     if isinstance(e, ConfigError):
-        return str(e), "fix the option (deploy.example.yaml documents each one)"
+        return str(e), e.fix or "fix the option (deploy.example.yaml documents each one)"
+    if isinstance(e, ServicesError):
+        return e.what, e.fix
     if isinstance(e, paramiko.AuthenticationException):
         return ("SSH authentication failed: %s" % e,
                 "check the user in -H user@host and the key (-i KEY, ssh-agent or ~/.ssh/config)")
@@ -226,6 +224,18 @@ def translate(e, host):
             "run again with --verbose for the traceback")
 
 
+def exit_code(e) -> ExitCode:
+    import paramiko
+
+    if isinstance(e, ServicesError):
+        return e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    if isinstance(e, (OSError, paramiko.SSHException)):
+        return ExitCode.UNREACHABLE
+    return ExitCode.FAILED
+
+
 def _reason(e):
     errors = getattr(e, "errors", {}) or {}
     for err in errors.values():
@@ -247,12 +257,12 @@ def boundary(task_name):
                 raise
             except BaseException as e:  # noqa: BLE001 - this is the boundary
                 what, fix = translate(e, host)
-                if verbose and not isinstance(e, (DeployError, ConfigError)):
+                if verbose and not isinstance(e, ServicesError):
                     traceback.print_exc()
                 # One line: what failed, where, what to do.
                 msg = "fab %s on %s: %s" % (task_name, host, what)
                 if fix:
                     msg += "; what to do: %s" % fix
-                raise Exit(msg, code=130 if isinstance(e, KeyboardInterrupt) else 1)
+                raise Exit(msg, code=int(exit_code(e)))
         return inner
     return wrap

@@ -379,16 +379,16 @@ def test_settings_env():
 
 
 def test_status_warns_about_nearly_full_disks_once_each():
-    tasks = deploy_module("tasks")
+    status = deploy_module("status")
     df = ("/dev/vda1 41152736 37037462 4115274 91% /\n"          # 91% used
           "/dev/vda1 41152736 37037462 4115274 91% /\n"          # the same file system again
           "/dev/vdb 104857600 10485760 94371840 10% /srv\n"      # fine
           "/dev/vdc 20971520 16777216 3145728 84% /var/backups\n")  # 3 GB free
-    warnings = tasks.disk_warnings(df)
+    warnings = status.disk_warnings(df)
     assert len(warnings) == 2
     assert warnings[0].startswith("low disk on /: 91% used, 3.9 GB free")
     assert warnings[1].startswith("low disk on /var/backups: 84% used, 3.0 GB free")
-    assert tasks.disk_warnings("/dev/vdb 104857600 10485760 94371840 10% /srv\n") == []
+    assert status.disk_warnings("/dev/vdb 104857600 10485760 94371840 10% /srv\n") == []
 
 
 def test_backup_options_are_checked():
