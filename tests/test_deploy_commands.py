@@ -440,3 +440,43 @@ def test_other_failures_are_not_run_again(tmp_path):
     # warn=True: the caller gets the failed result, once.
     assert r.run("echo x >> %s; exit 3" % marker, warn=True).exited == 3
     assert marker.read_text().count("x") == 2
+
+
+def test_small_file_operations_as_exact_strings():
+    assert cmd.remove_files("/a b", "/c") == "rm -f '/a b' /c"
+    assert cmd.move_into_fresh_folder("/tmp/w.whl", "/opt/x/wheels") == \
+        "rm -rf /opt/x/wheels && install -d /opt/x/wheels && mv /tmp/w.whl /opt/x/wheels/"
+    assert cmd.private_copy("/b/a.tar", "/tmp/a.tar", "ana") == \
+        "install -m 0600 -o ana /b/a.tar /tmp/a.tar"
+    assert cmd.maintenance("/opt/m", "backup", exec_=True) == \
+        "cd /opt/m && docker compose exec -T maintenance metaflow-services backup"
+    assert cmd.maintenance("/opt/m", "restore x.tar") == \
+        "cd /opt/m && docker compose run --rm --no-deps -T maintenance metaflow-services restore x.tar"
+    assert cmd.airflow_edge("/opt/m", "edge-worker", "maintenance on --wait") == \
+        "cd /opt/m && docker compose exec -T edge-worker airflow edge maintenance on --wait"
+    assert cmd.compose_down("/opt/m") == \
+        "if [ -f /opt/m/.env ]; then cd /opt/m && docker compose down --remove-orphans --timeout 60; fi"
+    assert cmd.delete_data(["p-postgres", "p-seaweedfs"], ["/opt/m", "/srv/m"]) == \
+        "docker volume rm -f p-postgres p-seaweedfs >/dev/null; rm -rf /opt/m /srv/m"
+    assert cmd.disk_free(["/var/lib/docker", "/srv/m"]) == "df -P -k /var/lib/docker /srv/m | sed 1d"
+
+
+def test_file_operations_run_for_real(tmp_path):
+    """What destroy keeps, what backups lists, what push-flows compares."""
+    d = tmp_path / "install"
+    for name in ("secrets.env", "tls/cert.pem", "compose.yaml", "state/deploy.json"):
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(name)
+    sh(cmd.remove_stack_files(str(d), ["secrets.env", "tls"]))
+    assert sorted(p.name for p in d.iterdir()) == ["secrets.env", "tls"]
+    b = tmp_path / "backups"
+    b.mkdir()
+    (b / "metaflow-services-backup-1.tar").write_bytes(b"x" * 10)
+    (b / "other.txt").write_text("no")
+    listed = sh(cmd.list_files(str(b), "metaflow-services-backup-*.tar")).split()
+    assert listed[:2] == [str(b / "metaflow-services-backup-1.tar"), "10"]
+    assert sh(cmd.list_files(str(tmp_path / "none"), "*")) == ""
+    (d / ".hidden").write_text("h")
+    digests = sh(cmd.file_digests(str(d)))
+    assert "./secrets.env" in digests and "./tls/cert.pem" in digests and ".hidden" not in digests
+    assert sh(cmd.existing_deployment(str(d), "no-such-project-xyz")).strip() == ""

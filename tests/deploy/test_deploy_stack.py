@@ -205,7 +205,7 @@ def test_a_second_deploy_changes_nothing(deployed, lab):
                  "ok skipped (nothing changed",
                  "(nothing changed)."):
         assert line in out, line
-    # (Its duration is measured by benchmarks/deploy_bench.py, target < 30 s.)
+    # (Its duration is measured by tests/deploy/bench_deploy.py, target < 30 s.)
     after = lab.containers()
     assert running_services(after) == running_services(before)
     assert after["airflow-init"] == before["airflow-init"]  # one-shots did not run again

@@ -6,11 +6,12 @@
 3. the idle memory of all the stack's containers together, after five
    minutes without runs.
 
-Numbers are printed (and written to benchmarks/results/deploy.json), not
-asserted; targets: re-deploy under 30 s, idle memory of the default stack
+It lives with the deploy tests because it deploys onto their VM (tests/deploy/
+vm.py, the test "cloud provider"). Numbers are printed (and written to
+benchmarks/results/deploy.json), not asserted; targets: re-deploy under 30 s, idle memory of the default stack
 (the Metaflow metadata service, UI backend and UI included) under 2 GB.
 
-    sudo .venv/bin/python benchmarks/deploy_bench.py [--idle-seconds 300] [--keep-vm]
+    sudo .venv/bin/python tests/deploy/bench_deploy.py [--idle-seconds 300] [--keep-vm]
 
 Needs what the deploy tests need (root, the host's Docker engine,
 debootstrap; see scripts/host-setup). The stack is the default one, with
@@ -28,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "tests" / "deploy"), str(REPO / "tests")]
 
 import deploylab as lab_mod  # noqa: E402  (the deploy tests' lab, used outside pytest)
