@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .errors import ExitCode, ServicesError
+
 # Variables passed through from the worker to every task (Metaflow's own
 # configuration and the object store's credentials).
 PASSTHROUGH_PREFIXES = ("METAFLOW_", "AWS_")
@@ -24,8 +26,10 @@ PASSTHROUGH_NAMES = ("REQUESTS_CA_BUNDLE",)
 DEFAULT_CODE_CACHE_DIR = "/var/cache/metaflow-services/code"
 
 
-class ConfigurationError(Exception):
+class ConfigurationError(ServicesError):
     """A deployment setting is missing or wrong; the message says which."""
+
+    exit_code = ExitCode.USAGE
 
 
 @dataclass

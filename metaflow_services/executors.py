@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigurationError, Settings
+from .errors import ServicesError
 
 BOOTSTRAP_SOURCE = (Path(__file__).with_name("bootstrap.py")).read_text()
 # The bootstrap travels in an environment variable rather than on the command
@@ -38,8 +39,8 @@ class Launch:
     labels: dict = field(default_factory=dict)
 
 
-class ExecutorError(Exception):
-    pass
+class ExecutorError(ServicesError):
+    """The Docker engine failed a step's container (pull, start, wait)."""
 
 
 def make_executor(settings: Settings, log):

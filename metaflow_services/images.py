@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .config import Settings
+from .errors import ServicesError
 
 IMAGE_REPO = "metaflow-services/env"
 LABEL = "metaflow-services.environment"
@@ -33,7 +34,7 @@ RESOLVED_PATH = "/etc/metaflow-services/environment.json"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class EnvironmentBuildError(Exception):
+class EnvironmentBuildError(ServicesError):
     """pip could not build the environment; the message holds pip's error."""
 
 

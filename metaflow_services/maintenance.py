@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from . import backup as archive
+from . import archive
+from .errors import ExitCode, ServicesError
 
 ACTIONS = ("logs", "metadata", "backups")
 HOUR, DAY = 3600, 86400
@@ -43,14 +44,16 @@ EVERY = {"logs": HOUR, "metadata": DAY}
 # backup attempt per minute.
 RETRY_AFTER = 10 * 60
 STATE_FILE = ".maintenance.json"
-# The names backup.create() gives its archives (name_for) and partial files.
+# The names backup.create() gives its archives (archive.name_for) and partial files.
 BACKUP_RE = re.compile(r"^%s(\d{8}T\d{6}Z)%s$" % (re.escape(archive.PREFIX),
                                                    re.escape(archive.SUFFIX)))
 PARTIAL_GLOB = "%s*%s.partial" % (archive.PREFIX, archive.SUFFIX)
 
 
-class SettingsError(ValueError):
+class SettingsError(ServicesError, ValueError):
     """A bad MFS_* setting; the message names the variable and what it expects."""
+
+    exit_code = ExitCode.USAGE
 
 
 @dataclass

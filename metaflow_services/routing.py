@@ -25,6 +25,8 @@ import json
 import math
 import os
 
+from .errors import ExitCode, ServicesError
+
 QUEUES_ENV = "MFS_WORKER_QUEUES"
 # On a worker VM: the scheduler has routed every task already, and the task
 # parses its DAG file only to run it, so nothing is checked (compose/worker.yaml).
@@ -34,8 +36,10 @@ EDGE_EXECUTOR = "EdgeExecutor"
 _NEEDS = ("cpu", "memory", "gpu")  # as in @resources; memory in MB
 
 
-class RoutingError(ValueError):
-    pass
+class RoutingError(ServicesError, ValueError):
+    """No queue can hold a step, or MFS_WORKER_QUEUES is malformed."""
+
+    exit_code = ExitCode.USAGE
 
 
 def queues_from_env(environ=None) -> dict | None:

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .config import ConfigurationError, Settings, datastore_root, task_passthrough_env
+from .errors import ServicesError
 from .executors import ExecutorError, Launch, container_name, make_executor
 from .spec import PARAMS_TASK_ID, parse_path_key, path_key, run_id_for, task_id_for
 
@@ -144,8 +145,8 @@ class TaskOutcome:
     result: dict = field(default_factory=dict)
 
 
-class StepFailed(Exception):
-    pass
+class StepFailed(ServicesError):
+    """A step's task failed or could not start; Airflow may retry it."""
 
 
 class StepRun:
@@ -345,12 +346,39 @@ class StepRun:
         return self._image
 
     def _launch(self, planned, pathspec):
-        spec, s = self.spec, self.s
-        flow = spec["flow"]["name"]
+        """What the executor starts for one Metaflow task: the bootstrap's
+        input (MFS_TASK) in the task's environment, in the step's image."""
+        spec = self.spec
+        step_args, init = self._metaflow_commands(planned)
+        image = self._step_image()
         pkg = spec["package"]
-        url = pkg["url"]
-        if pkg.get("path") and pkg.get("datastore") == "s3":
-            url = "%s/%s" % (self.ds_root, pkg["path"])
+        task = {
+            "package": {"url": self._package_url(), "sha": pkg["sha"],
+                        "post_extract_env": pkg["post_extract_env"]},
+            "cache_dir": self.settings.code_cache_dir,
+            "flow_file": spec["flow"]["file"],
+            "init": init,
+            "step": step_args,
+            "deadline_seconds": self._deadline(),
+            "where": "%s executor%s" % (self.settings.executor,
+                                        ", image %s" % image if self.settings.executor == "docker" else ""),
+            "log": {"pathspec": pathspec, "attempt": self.attempt, "datastore": "s3",
+                    "datastore_root": self.ds_root},
+        }
+        return Launch(
+            name=container_name(self.run_id, self.step, planned.task_id),
+            env=self._task_env(task, image),
+            image=image,
+            resources=self.s["resources"],
+            labels={"metaflow-services.pathspec": pathspec,
+                    "metaflow-services.dag-id": spec["dag_id"],
+                    "metaflow-services.airflow-run-id": self.ti.run_id},
+        )
+
+    def _metaflow_commands(self, planned):
+        """The task's `step` command line, and for the run's first task the
+        `init` that records the run's parameters first."""
+        spec = self.spec
         tags = list(spec["tags"]) + [
             "airflow_dag_id:%s" % spec["dag_id"],
             "airflow_run_id:%s" % self.ti.run_id,
@@ -365,44 +393,40 @@ class StepRun:
             "--run-id", self.run_id,
             "--task-id", planned.task_id,
             "--retry-count", str(self.attempt),
-            "--max-user-code-retries", str(s["max_user_code_retries"]),
+            "--max-user-code-retries", str(self.s["max_user_code_retries"]),
             "--input-paths", ",".join(planned.inputs),
         ] + tag_args
         if planned.split_index is not None:
             step_args += ["--split-index", str(planned.split_index)]
-
-        init = None
-        if self.step == spec["start_step"] and not planned.iteration:
-            init = {
-                "args": top + ["init", "--run-id", self.run_id, "--task-id", PARAMS_TASK_ID] + tag_args,
-                "env": parameter_env(spec, self.context.get("params") or {}),
-                # Metaflow marks a finished task with <attempt>.DONE.lock; a
-                # retried start must not create a second _parameters task.
-                "done_marker": "%s/%s/%s/_parameters/%s/0.DONE.lock"
-                               % (self.ds_root, flow, self.run_id, PARAMS_TASK_ID),
-            }
-
-        deadline = None
-        if s["timeout_seconds"]:
-            # @timeout's own alarm fires first; this backstop leaves time for
-            # @catch and for persisting artifacts on a busy machine.
-            deadline = s["timeout_seconds"] + self.settings.timeout_grace_seconds
-
-        image = self._step_image()
-        task = {
-            "package": {"url": url, "sha": pkg["sha"], "post_extract_env": pkg["post_extract_env"]},
-            "cache_dir": self.settings.code_cache_dir,
-            "flow_file": spec["flow"]["file"],
-            "init": init,
-            "step": step_args,
-            "deadline_seconds": deadline,
-            "where": "%s executor%s" % (self.settings.executor,
-                                        ", image %s" % image if self.settings.executor == "docker" else ""),
-            "log": {"pathspec": pathspec, "attempt": self.attempt, "datastore": "s3",
-                    "datastore_root": self.ds_root},
+        if self.step != spec["start_step"] or planned.iteration:
+            return step_args, None
+        return step_args, {
+            "args": top + ["init", "--run-id", self.run_id, "--task-id", PARAMS_TASK_ID] + tag_args,
+            "env": parameter_env(spec, self.context.get("params") or {}),
+            # Metaflow marks a finished task with <attempt>.DONE.lock; a
+            # retried start must not create a second _parameters task.
+            "done_marker": "%s/%s/%s/_parameters/%s/0.DONE.lock"
+                           % (self.ds_root, spec["flow"]["name"], self.run_id, PARAMS_TASK_ID),
         }
+
+    def _package_url(self):
+        pkg = self.spec["package"]
+        if pkg.get("path") and pkg.get("datastore") == "s3":
+            # Resolved against this worker's datastore root (see compiler.upload_package).
+            return "%s/%s" % (self.ds_root, pkg["path"])
+        return pkg["url"]
+
+    def _deadline(self):
+        if not self.s["timeout_seconds"]:
+            return None
+        # @timeout's own alarm fires first; this backstop leaves time for
+        # @catch and for persisting artifacts on a busy machine.
+        return self.s["timeout_seconds"] + self.settings.timeout_grace_seconds
+
+    def _task_env(self, task, image):
+        spec = self.spec
         env = task_passthrough_env()
-        env.update(s["env"])  # @environment
+        env.update(self.s["env"])  # @environment
         env.update({
             "METAFLOW_USER": spec["user"],
             "METAFLOW_RUNTIME_NAME": "airflow3",
@@ -423,15 +447,7 @@ class StepRun:
             env["MFS_BASE_IMAGE"] = self._base_image()
         if spec["config_value"]:
             env["METAFLOW_FLOW_CONFIG_VALUE"] = spec["config_value"]
-        return Launch(
-            name=container_name(self.run_id, self.step, planned.task_id),
-            env=env,
-            image=image,
-            resources=s["resources"],
-            labels={"metaflow-services.pathspec": pathspec,
-                    "metaflow-services.dag-id": spec["dag_id"],
-                    "metaflow-services.airflow-run-id": self.ti.run_id},
-        )
+        return env
 
 
 def _max_map_length():

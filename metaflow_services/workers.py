@@ -29,7 +29,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from . import health
+from . import objectstore
 from .spec import write_atomic
 
 log = logging.getLogger("metaflow_services.workers")
@@ -182,7 +182,7 @@ def add_parser(sub):
 
 def run(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    s3, bucket = health.s3_client(), health.bucket_name()
+    s3, bucket = objectstore.s3_client(), objectstore.bucket_name()
     dags = Path(args.dags)
     dags.mkdir(parents=True, exist_ok=True)
     metadata = Path(args.metadata) if args.metadata else None

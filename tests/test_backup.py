@@ -1,4 +1,4 @@
-"""The backup archive itself (metaflow_services/backup.py): what a restore
+"""The backup archive itself (metaflow_services/archive.py): what a restore
 trusts. Whole backups and restores of a deployed stack are in
 tests/deploy/test_deploy_upkeep.py."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from metaflow_services import backup
+from metaflow_services import archive, backup
 
 
 def make_archive(tmp_path: Path, files=None) -> Path:
@@ -21,12 +21,12 @@ def make_archive(tmp_path: Path, files=None) -> Path:
     for rel, data in (files or {"a.txt": b"alpha", "sub/b.bin": os.urandom(300_000)}).items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)
-    path = tmp_path / backup.name_for()
-    w = backup.Writer(path)
+    path = tmp_path / archive.name_for()
+    w = archive.Writer(path)
     w.add_tree("data/flows", src)
     w.add_stream("bucket/metaflow/Flow/1/x", io.BytesIO(b"object"), 6,
-                 pax={backup.PAX_META + "cas_raw": "true"})
-    w.close({"format": backup.FORMAT, "created_at": "2026-11-28T00:00:00Z",
+                 pax={archive.PAX_META + "cas_raw": "true"})
+    w.close({"format": archive.FORMAT, "created_at": "2026-11-28T00:00:00Z",
              "metaflow_services_version": "0.1.0", "airflow_version": "3.3.2",
              "schema": {"airflow": None}, "counts": {}, "bytes": w.bytes, "deploy": {}})
     return path
@@ -34,15 +34,15 @@ def make_archive(tmp_path: Path, files=None) -> Path:
 
 def test_an_archive_verifies_and_is_private(tmp_path):
     path = make_archive(tmp_path)
-    m = backup.verify(path)
+    m = archive.verify(path)
     assert set(m["members"]) == {"data/flows/a.txt", "data/flows/sub/b.bin",
                                  "bucket/metaflow/Flow/1/x"}
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     with tarfile.open(path) as tar:
         obj = tar.getmember("bucket/metaflow/Flow/1/x")
         # S3 metadata Metaflow needs to read its artifacts back travels along.
-        assert obj.pax_headers[backup.PAX_META + "cas_raw"] == "true"
-        assert tar.getnames()[-1] == backup.MANIFEST
+        assert obj.pax_headers[archive.PAX_META + "cas_raw"] == "true"
+        assert tar.getnames()[-1] == archive.MANIFEST
 
 
 def _flip_byte_in(path: Path, member: str):
@@ -58,16 +58,16 @@ def _flip_byte_in(path: Path, member: str):
 def test_one_changed_byte_is_found_and_named(tmp_path):
     path = make_archive(tmp_path)
     _flip_byte_in(path, "data/flows/sub/b.bin")
-    with pytest.raises(backup.BackupError, match=r"corrupted .*data/flows/sub/b\.bin"):
-        backup.verify(path)
+    with pytest.raises(archive.BackupError, match=r"corrupted .*data/flows/sub/b\.bin"):
+        archive.verify(path)
 
 
 def test_a_truncated_archive_is_refused(tmp_path):
     path = make_archive(tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(backup.BackupError, match="truncated"):
-        backup.verify(path)
+    with pytest.raises(archive.BackupError, match="truncated"):
+        archive.verify(path)
 
 
 def test_an_added_file_is_refused(tmp_path):
@@ -76,13 +76,13 @@ def test_an_added_file_is_refused(tmp_path):
     out = tmp_path / "tampered.tar"
     with tarfile.open(path) as src, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as dst:
         for m in src:
-            if m.name == backup.MANIFEST:
+            if m.name == archive.MANIFEST:
                 extra = tarfile.TarInfo("data/dags/evil.py")
                 extra.size = 4
                 dst.addfile(extra, io.BytesIO(b"boom"))
             dst.addfile(m, src.extractfile(m) if m.isfile() else None)
-    with pytest.raises(backup.BackupError, match="not in the manifest: data/dags/evil.py"):
-        backup.verify(out)
+    with pytest.raises(archive.BackupError, match="not in the manifest: data/dags/evil.py"):
+        archive.verify(out)
 
 
 def test_something_else_is_not_taken_for_a_backup(tmp_path):
@@ -91,10 +91,10 @@ def test_something_else_is_not_taken_for_a_backup(tmp_path):
         ti = tarfile.TarInfo("hello.txt")
         ti.size = 2
         tar.addfile(ti, io.BytesIO(b"hi"))
-    with pytest.raises(backup.BackupError, match="no manifest.json"):
-        backup.verify(other)
-    with pytest.raises(backup.BackupError, match="no such file"):
-        backup.verify(tmp_path / "missing.tar")
+    with pytest.raises(archive.BackupError, match="no manifest.json"):
+        archive.verify(other)
+    with pytest.raises(archive.BackupError, match="no such file"):
+        archive.verify(tmp_path / "missing.tar")
 
 
 def test_unsafe_paths_are_refused(tmp_path):
@@ -103,8 +103,8 @@ def test_unsafe_paths_are_refused(tmp_path):
         ti = tarfile.TarInfo("data/flows/../../etc/passwd")
         ti.size = 1
         tar.addfile(ti, io.BytesIO(b"x"))
-    with pytest.raises(backup.BackupError, match="unsafe path"):
-        backup.verify(bad)
+    with pytest.raises(archive.BackupError, match="unsafe path"):
+        archive.verify(bad)
 
 
 def test_a_file_that_grows_while_read_is_archived_as_read(tmp_path):
@@ -112,21 +112,21 @@ def test_a_file_that_grows_while_read_is_archived_as_read(tmp_path):
     written, or the archive would be unreadable."""
     log = tmp_path / "live.log"
     log.write_bytes(b"x" * 1000)
-    path = tmp_path / backup.name_for(time.time())
-    w = backup.Writer(path)
-    real_copy = backup.shutil.copyfileobj
+    path = tmp_path / archive.name_for(time.time())
+    w = archive.Writer(path)
+    real_copy = archive.shutil.copyfileobj
 
     def copy_then_grow(src, dst, length=0):
         real_copy(src, dst, length)
         with open(log, "ab") as f:
             f.write(b"y" * 5000)
-    backup.shutil.copyfileobj = copy_then_grow
+    archive.shutil.copyfileobj = copy_then_grow
     try:
         w.add_file("volumes/airflow-logs/live.log", log)
     finally:
-        backup.shutil.copyfileobj = real_copy
-    w.close({"format": backup.FORMAT})
-    assert backup.verify(path)["members"]
+        archive.shutil.copyfileobj = real_copy
+    w.close({"format": archive.FORMAT})
+    assert archive.verify(path)["members"]
     with tarfile.open(path) as tar:
         assert tar.getmember("volumes/airflow-logs/live.log").size == 1000
 

@@ -15,9 +15,9 @@ from metaflow_services import workers as sync
 
 @pytest.fixture
 def s3(seaweedfs):
-    from metaflow_services import health
+    from metaflow_services import objectstore
 
-    client, bucket = health.s3_client(), health.bucket_name()
+    client, bucket = objectstore.s3_client(), objectstore.bucket_name()
     try:
         client.create_bucket(Bucket=bucket)
     except client.exceptions.ClientError:
