@@ -133,6 +133,21 @@ def test_tasks_spread_over_workers_and_a_routed_step_runs_on_its_queue(edge):
     assert worker_of(run["special"].task) == "w2"
 
 
+def what_happened(af, api, run_id):
+    """Each task instance's state, try and host, and the edge jobs: what a
+    failure of the test needs to be understood from a CI log."""
+    tis = ["%s: %s (try %s on %s)" % (t["task_id"], t["state"], t.get("try_number"),
+                                      t.get("hostname")) for t in
+           api.task_instances("SpreadFlow", run_id)]
+    try:
+        jobs = af.postgres.query(af.db, "SELECT task_id, try_number, edge_worker, state FROM "
+                                        "edge_job WHERE run_id = '%s' ORDER BY task_id, "
+                                        "try_number" % run_id)
+    except Exception as e:  # noqa: BLE001 - the test's own failure matters more
+        jobs = "unreadable (%s)" % e
+    return "task instances: %s; edge jobs: %s" % ("; ".join(tis), jobs)
+
+
 def test_a_worker_dying_mid_task_is_retried_on_another_as_the_next_attempt(edge):
     af, api, workers = edge
     run_id = api.trigger("SpreadFlow", {"width": 1, "hang": 600})
@@ -151,7 +166,7 @@ def test_a_worker_dying_mid_task_is_retried_on_another_as_the_next_attempt(edge)
     t0 = time.time()
     state = api.wait_for_run("SpreadFlow", run_id, timeout=600)
     recovered = time.time() - t0
-    assert state == "success", api.task_instances("SpreadFlow", run_id)
+    assert state == "success", what_happened(af, api, run_id)
     survivor = ({"w1", "w2"} - {victim}).pop()
     slow = metaflow_run("SpreadFlow", run_id)["slow"].task
     assert slow.current_attempt == 1          # Metaflow's attempt = Airflow's try - 1
