@@ -309,8 +309,9 @@ def restore(path, only=None, check_only=False, progress=print) -> dict:
         return manifest
     parts = set(only or ("postgres", "bucket", "volumes", "data"))
     pg = _postgres_container() if "postgres" in parts else None
-    s3, bucket = (objectstore.s3_client(), objectstore.bucket_name()) if "bucket" in parts else (None, None)
-    if s3 is not None:
+    s3, bucket = None, None
+    if "bucket" in parts:
+        s3, bucket = objectstore.s3_client(), objectstore.bucket_name()
         check = check_object_store(ensure_bucket=True)
         if not check.ok:
             raise BackupError(check.detail)
@@ -418,30 +419,31 @@ def _flush_print(line):
 
 
 def cmd_backup(args):
-    try:
-        create(Path(args.out_dir), progress=_flush_print)
-    except BackupError as e:
-        print("backup failed: %s" % e, file=sys.stderr)
-        return 1
-    return 0
+    return _exit_code("backup failed: ",
+                      lambda: create(Path(args.out_dir), progress=_flush_print))
 
 
 def cmd_restore(args):
-    try:
-        restore(args.archive, only=args.only, check_only=args.check, progress=_flush_print)
-    except BackupError as e:
-        print("restore refused: %s" % e, file=sys.stderr)
-        return 1
-    return 0
+    return _exit_code("restore refused: ",
+                      lambda: restore(args.archive, only=args.only, check_only=args.check,
+                                      progress=_flush_print))
 
 
 def cmd_verify(args):
+    return _exit_code("", lambda: _print_summary(verify(args.archive)))
+
+
+def _exit_code(prefix, action):
+    """Runs `action`; a BackupError is one line on stderr, after `prefix`."""
     try:
-        m = verify(args.archive)
+        action()
     except BackupError as e:
-        print("%s" % e, file=sys.stderr)
-        return 1
-    print(json.dumps({k: m[k] for k in ("created_at", "metaflow_services_version",
-                                        "airflow_version", "schema", "counts", "bytes")},
-                     indent=1, sort_keys=True))
+        print("%s%s" % (prefix, e), file=sys.stderr)
+        return e.exit_code
     return 0
+
+
+def _print_summary(manifest):
+    print(json.dumps({k: manifest[k] for k in ("created_at", "metaflow_services_version",
+                                               "airflow_version", "schema", "counts", "bytes")},
+                     indent=1, sort_keys=True))

@@ -416,7 +416,7 @@ def cmd_maintain(args):
         settings = Settings.from_env()
     except SettingsError as e:
         print("metaflow-services maintain: %s" % e, file=sys.stderr)
-        return 2
+        return e.exit_code
     # `docker stop`: exit through the normal path, so a backup being written
     # removes its partial file.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -71,7 +71,8 @@ def _timeout(decos):
     if "timeout" not in decos:
         return None
     a = decos["timeout"].attributes
-    timeout = int(a.get("hours") or 0) * 3600 + int(a.get("minutes") or 0) * 60 + int(a.get("seconds") or 0)
+    timeout = (int(a.get("hours") or 0) * 3600 + int(a.get("minutes") or 0) * 60
+               + int(a.get("seconds") or 0))
     return timeout or None
 
 
