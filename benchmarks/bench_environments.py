@@ -19,30 +19,30 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench_runtime as br  # noqa: E402  (also sets up sys.path for harness)
+import bench_runtime as br  # noqa: E402  (also drops the source tree from sys.path)
 
-harness = br.harness
+local = br.local
 
 
 def main():
-    base, mflocal = harness.scratch_dir("mfs-bench-env-")
-    s3, pg = harness.SeaweedFS(base), harness.Postgres(base)
-    env = harness.metaflow_env(s3, mflocal, "bench")
+    base, mflocal = local.scratch_dir("mfs-bench-env-")
+    s3, pg = local.SeaweedFS(base), local.Postgres(base)
+    env = local.metaflow_env(s3, mflocal, "bench")
     os.environ.update(env)
     af = None
     try:
         print("starting PostgreSQL, SeaweedFS, Airflow ...", flush=True)
         s3.start()
         pg.start()
-        af = harness.Airflow(base, pg, env, max_map_length=1024)
-        af.start(harness.worker_env(
+        af = local.Airflow(base, pg, env, max_map_length=1024)
+        af.start(local.worker_env(
             "docker", base, mflocal,
             MFS_PIP_CERT=os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"),
             MFS_LOCK_DIR=str(base / "locks"), MFS_STATE_DIR=str(base / "state")))
         api = af.api()
         for sub, dag_id in (("plain5", "Plain5Flow"), ("pinned5", "Pinned5Flow")):
             f = HERE / "flows" / sub / ("%s_flow.py" % sub)
-            subprocess.run([str(harness.VENV_BIN / "metaflow-services"), "compile", str(f), "-o",
+            subprocess.run([str(local.VENV_BIN / "metaflow-services"), "compile", str(f), "-o",
                             str(af.dags)], check=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
             api.wait_for_dag(dag_id)

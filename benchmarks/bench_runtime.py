@@ -27,10 +27,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+# Metaflow must not see the source tree (it would find its extension twice).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
-sys.path.insert(0, str(REPO / "tests"))
 
-import harness  # noqa: E402
+from metaflow_services import local  # noqa: E402  (the local stack's services)
 
 FLOWS = {"linear10": ("linear10_flow.py", "Linear10Flow"),
          "foreach100": ("foreach100_flow.py", "Foreach100Flow")}
@@ -44,9 +44,9 @@ def main():
     args = ap.parse_args()
     executors = [e for e in args.executors.split(",") if e]
 
-    base, mflocal = harness.scratch_dir("mfs-bench-")
-    s3, pg = harness.SeaweedFS(base), harness.Postgres(base)
-    env = harness.metaflow_env(s3, mflocal, "bench")
+    base, mflocal = local.scratch_dir("mfs-bench-")
+    s3, pg = local.SeaweedFS(base), local.Postgres(base)
+    env = local.metaflow_env(s3, mflocal, "bench")
     os.environ.update(env)
     af = None
     results = {"machine": os.uname().nodename, "when": datetime.datetime.utcnow().isoformat()}
@@ -54,11 +54,11 @@ def main():
         print("starting PostgreSQL, SeaweedFS, Airflow ...", flush=True)
         s3.start()
         pg.start()
-        af = harness.Airflow(base, pg, env, max_map_length=1024)
+        af = local.Airflow(base, pg, env, max_map_length=1024)
         af.start({"MFS_EXECUTOR": "subprocess"})
         api = af.api()
         for key, (fname, dag_id) in FLOWS.items():
-            subprocess.run([str(harness.VENV_BIN / "metaflow-services"), "compile",
+            subprocess.run([str(local.VENV_BIN / "metaflow-services"), "compile",
                             str(HERE / "flows" / fname), "-o", str(af.dags)], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             api.wait_for_dag(dag_id)
@@ -73,7 +73,7 @@ def main():
             print("%-12s metaflow runtime      wall %6.1f s" % (key, t), flush=True)
 
         for executor in executors:
-            af.start_scheduler(harness.worker_env(executor, base, mflocal, args.step_image))
+            af.start_scheduler(local.worker_env(executor, base, mflocal, args.step_image))
             time.sleep(5)
             api = af.api()
             for key, (fname, dag_id) in FLOWS.items():

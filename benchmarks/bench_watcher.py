@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_runtime as br  # noqa: E402
 
-harness = br.harness
+local = br.local
 REPO = HERE.parent
 
 
@@ -31,9 +31,9 @@ def cpu_seconds(pid):
 
 
 def main():
-    base, mflocal = harness.scratch_dir("mfs-bench-watch-")
-    s3, pg = harness.SeaweedFS(base), harness.Postgres(base)
-    env = harness.metaflow_env(s3, mflocal, "bench")
+    base, mflocal = local.scratch_dir("mfs-bench-watch-")
+    s3, pg = local.SeaweedFS(base), local.Postgres(base)
+    env = local.metaflow_env(s3, mflocal, "bench")
     os.environ.update(env)
     flows = base / "flows"
     flows.mkdir()
@@ -42,9 +42,9 @@ def main():
         print("starting PostgreSQL, SeaweedFS, Airflow, the watcher ...", flush=True)
         s3.start()
         pg.start()
-        af = harness.Airflow(base, pg, env, max_map_length=1024)
-        af.start(harness.worker_env("subprocess", base, mflocal))
-        watcher = harness.Process("watcher", [str(harness.VENV_BIN / "metaflow-services"), "watch",
+        af = local.Airflow(base, pg, env, max_map_length=1024)
+        af.start(local.worker_env("subprocess", base, mflocal))
+        watcher = local.Process("watcher", [str(local.VENV_BIN / "metaflow-services"), "watch",
                                               "--flows", str(flows), "--dags", str(af.dags)],
                                   dict(os.environ), base)
         api = af.api()
@@ -55,7 +55,7 @@ def main():
         def visible():
             r = api.session.get(api.url + "/api/v2/dags/HelloFlow", timeout=10)
             return r.status_code == 200
-        harness.wait_for(visible, 300, "HelloFlow to appear", interval=0.2)
+        local.wait_for(visible, 300, "HelloFlow to appear", interval=0.2)
         t_visible = time.time() - t0
         api.patch("/api/v2/dags/HelloFlow", {"is_paused": False})
         run_id = api.trigger("HelloFlow")
@@ -63,7 +63,7 @@ def main():
         def running():
             return any(ti["state"] in ("running", "success")
                        for ti in api.task_instances("HelloFlow", run_id))
-        harness.wait_for(running, 300, "the first task to run", interval=0.2)
+        local.wait_for(running, 300, "the first task to run", interval=0.2)
         t_running = time.time() - t0
         print("drop -> DAG visible in Airflow:   %.1f s" % t_visible)
         print("drop -> first task running:       %.1f s (triggered as soon as visible)" % t_running)
@@ -77,9 +77,9 @@ def main():
                 .replace("HelloFlow()", "Hello%02dFlow()" % i))
         print("compiling 49 more flows ...", flush=True)
         state = af.dags / ".metaflow-services" / "state.json"
-        harness.wait_for(lambda: state.read_text().count('"status": "ok"') >= 50, 900,
+        local.wait_for(lambda: state.read_text().count('"status": "ok"') >= 50, 900,
                          "50 compiled flows", interval=2)
-        idle = harness.Process("idle", ["sleep", "600"], dict(os.environ), base)
+        idle = local.Process("idle", ["sleep", "600"], dict(os.environ), base)
         time.sleep(2)
         w0, i0, t = cpu_seconds(watcher.proc.pid), cpu_seconds(idle.proc.pid), time.time()
         time.sleep(60)

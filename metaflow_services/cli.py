@@ -44,6 +44,9 @@ def main(argv=None):
     from .workers import add_parser as add_sync_parser
 
     add_sync_parser(sub)
+    from .local.command import add_parser as add_local_parser
+
+    add_local_parser(sub)
 
     i = sub.add_parser("images", help="List the step environment images on this host.",
                        description="Images built for @pypi/@conda/requirements.txt step "

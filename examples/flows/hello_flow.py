@@ -17,13 +17,15 @@ class HelloFlow(FlowSpec):
     @retry(times=1, minutes_between_retries=0)
     @step
     def square(self):
-        self.square = self.input * self.input
-        print("%d squared is %d" % (self.input, self.square))
+        # An artifact named like its step would be shadowed by the step
+        # method when the join reads it (i.square): name it differently.
+        self.squared = self.input * self.input
+        print("%d squared is %d" % (self.input, self.squared))
         self.next(self.add_up)
 
     @step
     def add_up(self, inputs):
-        self.total = sum(i.square for i in inputs)
+        self.total = sum(i.squared for i in inputs)
         self.next(self.end)
 
     @step

@@ -1,0 +1,204 @@
+"""Apache Airflow 3 on loopback for the local stack: api-server, scheduler
+(LocalExecutor: its forked workers run the tasks) and dag-processor on the
+local PostgreSQL, plus a small client of Airflow's REST API."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+from .services import VENV_BIN, LocalStackError, Process, binary, free_port, wait_for
+
+
+class Airflow:
+    """api-server + scheduler (LocalExecutor) + dag-processor on PostgreSQL."""
+
+    USER = "admin"
+    INSTALL = "Apache Airflow (pip install 'metaflow-services[airflow]')"
+
+    def __init__(self, base: Path, postgres, task_env: dict, max_map_length=8,
+                 db="airflow", airflow_env=None, port=None, password=None, keys=None):
+        self.home = base / ("airflow" if db == "airflow" else db)
+        self.dags = base / ("dags" if db == "airflow" else db + "-dags")
+        self.db = db
+        self.port = port or free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.password = password or secrets.token_urlsafe(12)
+        # The api-server's signing keys: generated unless given (kept by `local`).
+        self.keys = dict(keys or {"jwt_secret": secrets.token_urlsafe(32),
+                                  "secret_key": secrets.token_urlsafe(24)})
+        self.postgres = postgres
+        self.task_env = dict(task_env)
+        self.max_map_length = max_map_length
+        self.airflow_env = dict(airflow_env or {})  # wins over the defaults below
+        self.procs = {}
+        self.pids = None
+
+    def env(self, extra=None):
+        env = dict(os.environ)
+        env.update(self.task_env)
+        env.update({
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "8",
+            "AIRFLOW__CORE__MAX_MAP_LENGTH": str(self.max_map_length),
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__FERNET_KEY": "",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": self.url + "/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "%s:admin" % self.USER,
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.postgres.url(self.db),
+            # psycopg 3 serves Airflow's async engine too (else it wants asyncpg).
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": self.postgres.url(self.db),
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__API_AUTH__JWT_SECRET": self.keys["jwt_secret"],
+            "AIRFLOW__API__SECRET_KEY": self.keys["secret_key"],
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "3",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "3",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "PATH": "%s:%s" % (VENV_BIN, os.environ.get("PATH", "")),
+        })
+        env.update(self.airflow_env)
+        env.update(extra or {})
+        return env
+
+    def start(self, worker_env=None, pids=None):
+        """Migrates the database and starts the three processes; returns when
+        the api-server answers. `pids`: a folder to write their pid files to."""
+        airflow = binary("airflow", self.INSTALL)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.dags.mkdir(parents=True, exist_ok=True)
+        self.pids = pids
+        path = self.home / "passwords.json"
+        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({self.USER: self.password}, f)
+        self.postgres.ensure_database(self.db)
+        proc = subprocess.run([airflow, "db", "migrate"], env=self.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            raise LocalStackError("airflow db migrate failed:\n" + proc.stdout[-3000:])
+        self._start("api-server", [airflow, "api-server", "--port", str(self.port)], self.env())
+        self._start("dag-processor", [airflow, "dag-processor"], self.env())
+        self.start_scheduler(worker_env or {})
+        wait_for(self._healthy, 180, "Airflow api-server")
+
+    def _start(self, name, argv, env):
+        self.procs[name] = p = Process(name, argv, env, self.home)
+        if self.pids:
+            p.write_pidfile(Path(self.pids) / ("airflow-%s.pid" % name))
+
+    def start_scheduler(self, worker_env):
+        """(Re)start the scheduler; with the LocalExecutor its forked workers run
+        the tasks, so worker_env (e.g. MFS_EXECUTOR) reaches every task."""
+        old = self.procs.pop("scheduler", None)
+        if old:
+            old.stop()
+        self.worker_env = dict(worker_env)
+        self._start("scheduler", [binary("airflow", self.INSTALL), "scheduler"],
+                    self.env(worker_env))
+
+    def _healthy(self):
+        for name, p in self.procs.items():
+            if not p.alive():
+                raise RuntimeError("airflow %s exited:\n%s" % (name, p.tail()))
+        r = requests.get(self.url + "/api/v2/monitor/health", timeout=5)
+        return r.status_code == 200
+
+    def api(self):
+        return AirflowAPI(self.url, self.USER, self.password)
+
+    def stop(self):
+        for p in self.procs.values():
+            p.stop()
+
+
+class AirflowAPI:
+    def __init__(self, url, user, password):
+        self.url = url
+        self.session = requests.Session()
+        r = requests.post(url + "/auth/token", json={"username": user, "password": password},
+                          timeout=30)
+        r.raise_for_status()
+        self.session.headers["Authorization"] = "Bearer " + r.json()["access_token"]
+
+    def get(self, path, **params):
+        r = self.session.get(self.url + path, params=params, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, path, body):
+        r = self.session.post(self.url + path, json=body, timeout=30)
+        if r.status_code >= 400:
+            raise RuntimeError("POST %s -> %s %s" % (path, r.status_code, r.text))
+        return r.json()
+
+    def patch(self, path, body):
+        r = self.session.patch(self.url + path, json=body, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def wait_for_dag(self, dag_id, timeout=120):
+        def present():
+            r = self.session.get(self.url + "/api/v2/dags/" + dag_id, timeout=10)
+            return r.status_code == 200
+
+        try:
+            wait_for(present, timeout, "DAG %s to be parsed" % dag_id, interval=1)
+        except TimeoutError:
+            errors = self.get("/api/v2/importErrors")
+            raise TimeoutError("DAG %s did not appear; import errors: %s" % (dag_id, errors))
+        self.patch("/api/v2/dags/" + dag_id, {"is_paused": False})
+
+    def trigger(self, dag_id, conf=None, run_id=None):
+        body = {"logical_date": None, "conf": conf or {}}
+        if run_id:
+            body["dag_run_id"] = run_id
+        return self.post("/api/v2/dags/%s/dagRuns" % dag_id, body)["dag_run_id"]
+
+    def run_state(self, dag_id, run_id):
+        return self.get("/api/v2/dags/%s/dagRuns/%s" % (dag_id, run_id))["state"]
+
+    def wait_for_run(self, dag_id, run_id, timeout=600):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.run_state(dag_id, run_id)
+            if state in ("success", "failed"):
+                return state
+            time.sleep(2)
+        raise TimeoutError("DAG run %s/%s still %s after %ss" % (dag_id, run_id, state, timeout))
+
+    def task_instances(self, dag_id, run_id):
+        return self.get("/api/v2/dags/%s/dagRuns/%s/taskInstances" % (dag_id, run_id),
+                        limit=1000)["task_instances"]
+
+    def task_log(self, dag_id, run_id, task_id, try_number=1, map_index=-1):
+        r = self.session.get(
+            self.url + "/api/v2/dags/%s/dagRuns/%s/taskInstances/%s/logs/%d"
+            % (dag_id, run_id, task_id, try_number),
+            params={"map_index": map_index, "full_content": "true"},
+            headers={"Accept": "application/json"}, timeout=30)
+        r.raise_for_status()
+        content = r.json().get("content")
+        if isinstance(content, list):
+            lines = []
+            for c in content:
+                if not isinstance(c, dict):
+                    lines.append(str(c))
+                    continue
+                lines.append(c.get("event", ""))
+                for err in c.get("error_detail") or ():  # a failure's exception text
+                    lines.append("%s: %s" % (err.get("exc_type"), err.get("exc_value")))
+            return "\n".join(lines)
+        return str(content)
