@@ -227,6 +227,10 @@ def settings_env(o: Options, facts: dict) -> str:
         "MFS_S3_UPSTREAM": s3_internal,
         "MFS_AIRFLOW_USERS": ",".join("%s:%s" % kv for kv in o.airflow.users.items()),
         "MFS_AIRFLOW_PARALLELISM": parallelism,
+        # Airflow's limit on running tasks covers every machine: the worker
+        # VMs' slots add to the main VM's, or a worker adds no capacity.
+        "MFS_AIRFLOW_CORE_PARALLELISM": parallelism + sum(int(w.get("slots") or 0)
+                                                          for w in workers.values()),
         "MFS_AIRFLOW_PARSING_PROCESSES": parsing,
         "MFS_DAGS_PAUSED_AT_CREATION": "True" if o.airflow.dags_paused_at_creation else "False",
         "MFS_LOG_RETENTION_DAYS": o.retention.task_logs_days,

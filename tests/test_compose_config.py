@@ -283,6 +283,14 @@ def test_worker_vms_switch_the_main_vm_to_the_edge_executor(tmp_path, full):
             "gpu": {"cpu": 8, "memory": 32000, "gpu": 1, "workers": ["vm1"]}}, name
     assert cfg["services"]["airflow-api-server"]["environment"]["AIRFLOW__EDGE__API_ENABLED"] == "True"
     assert cfg["services"]["edge-worker"]["command"][:4] == ["airflow", "edge", "worker", "--queues"]
+    # A worker adds capacity: Airflow may run the main VM's slots plus the
+    # worker's at once, while the main VM's own edge worker keeps its slots.
+    main_slots = int(single["services"]["airflow-scheduler"]["environment"][
+        "AIRFLOW__CORE__PARALLELISM"])
+    sched = cfg["services"]["airflow-scheduler"]["environment"]
+    assert int(sched["AIRFLOW__CORE__PARALLELISM"]) == main_slots + VM1["slots"]
+    edge = cfg["services"]["edge-worker"]["command"]
+    assert edge[edge.index("--concurrency") + 1] == str(main_slots)
     # Still only the proxy publishes ports: workers come in through it.
     assert [n for n, svc in cfg["services"].items() if svc.get("ports")] == ["proxy"]
 

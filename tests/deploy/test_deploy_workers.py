@@ -114,7 +114,9 @@ def test_a_foreach_spreads_over_both_vms_and_a_routed_step_runs_on_its_queue(lab
         time.sleep(2)
     api.patch(base, json={"is_paused": False}, timeout=30).raise_for_status()
 
-    run_id, state, tis = lab.run_dag("SpreadFlow", {"width": 8}, timeout=1200)
+    # More splits than the main VM has slots (8 on the test VM: 2 cores), so
+    # the main VM alone cannot hold them all: the worker's slots count.
+    run_id, state, tis = lab.run_dag("SpreadFlow", {"width": 12}, timeout=1200)
     assert state == "success", tis
     from metaflow_services.spec import run_id_for
 
