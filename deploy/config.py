@@ -303,20 +303,14 @@ def _coerce(key_path, f, value, source, from_string=False):
             return int(value)
         except (TypeError, ValueError):
             raise bad("'auto' or a whole number")
-    if isinstance(default, int):
-        if isinstance(value, bool):
-            raise bad("a whole number")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise bad("a whole number")
-    if isinstance(default, float):
-        if isinstance(value, bool):
-            raise bad("a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise bad("a number")
+    for kind, what in ((int, "a whole number"), (float, "a number")):
+        if isinstance(default, kind):
+            if isinstance(value, bool):
+                raise bad(what)
+            try:
+                return kind(value)
+            except (TypeError, ValueError):
+                raise bad(what)
     if value is None:
         return ""
     if isinstance(value, (dict, list)):
