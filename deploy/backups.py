@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from metaflow_services import backup as archive
+from metaflow_services import archive
 
 from . import bundle as bundle_mod
 from . import commands as cmd

@@ -21,7 +21,7 @@ from fabric import task
 from invoke.exceptions import Exit
 
 from metaflow_services import __version__
-from metaflow_services import backup as archive
+from metaflow_services import archive
 
 from . import backups, client, lifecycle, status as status_mod, steps, workers
 from . import bundle as bundle_mod

@@ -203,7 +203,8 @@ def _add_doctor_parser(sub):
                     "engine and Airflow, as the task runtime sees them. Exit code 1 if any "
                     "check fails.")
     d.add_argument("--only", action="append", default=[],
-                   choices=["database", "object-store", "metadata", "docker", "airflow"],
+                   choices=["database", "object-store", "metadata", "metaflow-ui", "docker",
+                            "airflow"],
                    help="Run only this check (repeatable).")
     d.add_argument("--ensure-bucket", action="store_true",
                    help="Create the object store's bucket if it is missing.")
