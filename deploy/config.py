@@ -126,7 +126,7 @@ class Options:
                         default="metaflow-services")
     install_dir: str = _doc("stack files, settings and secrets on the VM",
                             default="/opt/metaflow-services")
-    data_dir: str = _doc("dags/ and flows/ folders users write to, on the VM",
+    data_dir: str = _doc("holds dags/, the dags folder users drop flows into, on the VM",
                          default="/srv/metaflow-services")
     object_store: str = _doc("seaweedfs | minio", default="seaweedfs")
     metaflow_services: bool = _doc("run the Metaflow metadata service and UI", default=True)

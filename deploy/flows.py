@@ -1,10 +1,11 @@
 """Flows on a deployment: `fab push-flows`, the flows part of `fab status`,
 and `fab tunnel`.
 
-Users' flows live in ``data_dir/flows`` on the VM; the stack's flow-watcher
-compiles them into ``data_dir/dags`` and keeps its verdict per flow in
-``data_dir/dags/.metaflow-services/state.json`` (metaflow_services/watcher.py).
-Everything here reads or writes those two places; nothing else on the VM.
+Users' flows live in the dags folder, ``data_dir/dags`` on the VM, next to
+plain Airflow DAG files; the stack's flow-watcher compiles them into
+``data_dir/dags/.metaflow-services/`` and keeps its verdict per flow in
+``state.json`` there (metaflow_services/watcher.py). Everything here reads or
+writes that folder; nothing else on the VM.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from metaflow_services.watcher import defines_flow, package_files
 from . import commands as cmd
 from .remote import DeployError, Out, Remote
 
-STATE_FILE = "dags/.metaflow-services/state.json"
+DAGS = "dags"   # the dags folder, under data_dir
+STATE_FILE = DAGS + "/.metaflow-services/state.json"
 
 
 # ---------------------------------------------------------------------------
@@ -30,7 +32,7 @@ STATE_FILE = "dags/.metaflow-services/state.json"
 
 
 def read_state(r: Remote, data_dir) -> dict:
-    """{flow path relative to the flows folder: its entry} (empty before the
+    """{flow path relative to the dags folder: its entry} (empty before the
     watcher's first compile)."""
     text = r.stdout(cmd.read_file("%s/%s" % (data_dir, STATE_FILE)), as_root=False,
                     what="reading the flow-watcher's state")
@@ -90,7 +92,7 @@ def push(r: Remote, out: Out, folder: Path, data_dir, airflow_url, delete=False,
     folder = folder.expanduser().resolve()
     if not folder.is_dir():
         raise DeployError("no folder %s" % folder, "give the folder holding your flow files")
-    flows_dir = "%s/flows" % data_dir
+    flows_dir = "%s/%s" % (data_dir, DAGS)
     local = local_files(folder)
     flow_files = sorted(rel for rel in local if rel.endswith(".py")
                         and defines_flow(folder / rel))
@@ -101,7 +103,10 @@ def push(r: Remote, out: Out, folder: Path, data_dir, airflow_url, delete=False,
     out.step("pushing %s to %s:%s" % (folder, r.host, flows_dir))
     remote = remote_files(r, flows_dir)
     changed = sorted(rel for rel, digest in local.items() if remote.get(rel) != digest)
-    gone = sorted(set(remote) - set(local)) if delete else []
+    # --delete removes flows only: the dags folder also holds plain Airflow
+    # DAGs and other people's files.
+    known = read_state(r, data_dir) if delete else {}
+    gone = sorted(rel for rel in set(remote) - set(local) if rel in known)
     t0 = float(r.stdout(cmd.clock(), as_root=False, what="reading the VM's clock"))
     for rel in changed:
         _upload(r, folder / rel, "%s/%s" % (flows_dir, rel))

@@ -24,6 +24,9 @@ from .config import Options
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = REPO / "compose"
+# What fab deploy ships into the VM's dags folder (dags/README.md says what).
+DAGS_DIR = REPO / "dags"
+SHIPPED_TO_DAGS = ("README.md",)
 # Files of the stack uploaded to install_dir (paths relative to compose/).
 STACK_FILES = ("compose.yaml", "metaflow.yaml", "worker.yaml", "proxy/start.sh",
                "proxy/nginx.conf.template",

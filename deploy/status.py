@@ -30,13 +30,13 @@ def report(s: Session) -> bool:
     warnings += backups.report(s)
     s.out.step("workers")
     warnings += workers.report(s)
-    s.out.step("flows (%s/flows, compiled by the flow-watcher)" % o.data_dir)
+    s.out.step("flows in the dags folder %s/dags (compiled by the flow-watcher)" % o.data_dir)
     flows = flows_mod.read_state(s.r, o.data_dir)
     if flows:
         flows_mod.report(s.out, flows, o.airflow_url)
     else:
-        s.out.info("none yet: drop flow files into %s/flows, or fab -H %s push-flows DIR"
-                   % (o.data_dir, s.host))
+        s.out.info("none yet: drop flow files into the dags folder %s/dags, or fab -H %s "
+                   "push-flows DIR" % (o.data_dir, s.host))
     s.out.step("health and last runs")
     admin = next(u for u, role in st["airflow_users"].items() if role == "admin")
     healthy = health.report(s, admin)

@@ -262,9 +262,14 @@ def configure(s: Session):
                      what="writing Airflow's passwords file").strip()
     s.out.ok("Airflow passwords file: %s" % res)
     res = s.r.stdout(cmd.data_dirs(s.o.data_dir, stack.AIRFLOW_UID, DATA_GROUP, s.r.user),
-                     what="creating the DAG folders").strip()
-    s.out.ok("%s/{dags,flows} (group %s may write): %s" % (s.o.data_dir, DATA_GROUP,
-                                                           res.replace("\n", "; ")))
+                     what="creating the dags folder").strip()
+    s.out.ok("dags folder %s/dags (group %s may write): %s" % (s.o.data_dir, DATA_GROUP,
+                                                               res.replace("\n", "; ")))
+    for name in stack.SHIPPED_TO_DAGS:
+        res = s.r.stdout(cmd.ship_unless_edited(
+            "%s/dags/%s" % (s.o.data_dir, name), (stack.DAGS_DIR / name).read_text(),
+            "%d:%s" % (stack.AIRFLOW_UID, DATA_GROUP)), what="writing the dags folder's %s" % name)
+        s.out.ok("dags folder's %s: %s" % (name, res.strip()))
     res = s.r.stdout(cmd.ensure_volumes(s.volumes()), what="creating volumes")
     s.out.ok("volumes: %s" % "; ".join(res.strip().splitlines()))
     res = s.r.stdout(cmd.backup_dir(s.o.backup.dir), what="creating the backup folder")
@@ -382,6 +387,29 @@ def _build_on_vm(s: Session, role, ref):
 # ---------------------------------------------------------------------------
 
 
+def dags_folder(s: Session):
+    """Deployments (and backups) from before flows lived in the dags folder:
+    their flows/ moves into it, before the new flow-watcher starts."""
+    res = s.r.stdout(cmd.migrate_flows_folder(s.o.data_dir, check_only=True),
+                     what="checking the dags folder").strip()
+    if res == "current":
+        return
+    if res.startswith("clash:"):
+        raise DeployError(
+            "flows now live in the dags folder, but %s/flows and %s/dags both have: %s"
+            % (s.o.data_dir, s.o.data_dir, ", ".join(res[6:].split())),
+            "rename or remove one of each pair on the VM, then run fab deploy again "
+            "(nothing was moved)")
+    s.out.step("dags folder")
+    # The old watcher must not record or delete anything while its flows move.
+    s.r.run(cmd.compose(s.dir, "--ansi never stop flow-watcher"), warn=True,
+            what="stopping the old flow-watcher")
+    res = s.r.stdout(cmd.migrate_flows_folder(s.o.data_dir), what="moving flows into the dags "
+                     "folder").strip()
+    s.out.ok("%s: flows now live in the dags folder %s/dags; %s/flows is a link to it. "
+             "DAG ids, schedules and runs stay." % (res, s.o.data_dir, s.o.data_dir))
+
+
 def start(s: Session):
     s.out.step("start")
     svcs = s.services()
@@ -434,8 +462,9 @@ def summary(s: Session):
         rows += [("Metaflow UI", o.metaflow_url, "user: %s" % o.metaflow_ui.user),
                  ("Metaflow metadata API", o.metaflow_url + "/metadata", "x-api-key")]
     rows += [("S3 endpoint", o.s3_url, "bucket: %s" % o.bucket),
-             ("Flows folder on the VM", o.data_dir + "/flows",
-              "drop flow files here (group %s may write), or: fab push-flows DIR" % DATA_GROUP)]
+             ("dags folder on the VM", o.data_dir + "/dags",
+              "drop flow files (and plain Airflow DAGs) here: scp, git pull, or fab push-flows "
+              "DIR (group %s may write)" % DATA_GROUP)]
     for name, url, note in rows:
         lines.append("  %-24s %-34s %s" % (name, url, note))
     lines += [
@@ -455,6 +484,6 @@ def summary(s: Session):
 # Everything up to the images: no service is (re)started yet.
 PREPARE = [install_docker, upload_stack, ensure_secrets, certificate, configure, images]
 # The new configuration goes live and is proven.
-GO_LIVE = [start, health.wait_healthy, health.check_proxy, health.bucket, health.smoke_test,
+GO_LIVE = [dags_folder, start, health.wait_healthy, health.check_proxy, health.bucket, health.smoke_test,
            record]
 DEPLOY = PREPARE + GO_LIVE

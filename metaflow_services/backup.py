@@ -3,8 +3,8 @@ backup` / `restore`; `fab backup` / `fab restore` run these on the VM).
 
 It runs in the stack's maintenance container: the Airflow image, as root, on
 the stack's network, with the Docker socket, the backup folder (/backups, also
-mounted into the postgres container), the data folder (/data: flows and dags),
-the install folder (/install, read only: secrets, certificate, deploy record)
+mounted into the postgres container), the data folder (/data; its dags/ holds
+the flows, plain DAGs and the generated DAG files), the install folder (/install, read only: secrets, certificate, deploy record)
 and the volumes with Metaflow's local metadata and Airflow's task logs.
 
 One archive holds everything needed to rebuild the platform on a new VM, each
@@ -13,7 +13,8 @@ file under a prefix, and a manifest last:
     postgres/airflow.dump, postgres/metaflow.dump   pg_dump -Fc, from the server's own image
     bucket/<key>                                    every object (S3 metadata in PAX headers)
     volumes/metaflow-local/..., volumes/airflow-logs/...
-    data/flows/..., data/dags/...
+    data/dags/...       (archives from before flows lived there also have data/flows/:
+                         restored as they are, fab deploy then moves them in)
     config/secrets.env, config/tls/*, config/deploy.json
     manifest.json       versions, schema revisions, images, options, sha256 of every file
 
@@ -156,7 +157,7 @@ def create(out_dir: Path = BACKUP_DIR, progress=print) -> Path:
                 for db in DATABASES if _database_exists(pg, db)}
     estimate = (sum(db_sizes.values()) + sum(o["Size"] for o in objects)
                 + sum(_tree_size(p) for p in VOLUMES.values())
-                + sum(_tree_size(DATA_DIR / d) for d in ("flows", "dags")))
+                + _tree_size(DATA_DIR / "dags"))
     free = _free_bytes(out_dir)
     # Dumps are smaller than the databases; the rest is copied as is.
     if free < estimate * 1.05 + 100e6:
@@ -229,16 +230,15 @@ def _write_parts(w: Writer, pg, db_sizes, s3, bucket, objects, out_dir, progress
             progress("  bucket: %d/%d objects, %s" % (i + 1, len(objects), human(done)))
     counts["bucket_objects"] = len(objects)
     progress("  bucket %s: %d objects, %s (%s)" % (bucket, len(objects), human(done), _took(t)))
-    # 3. folders: Metaflow's local metadata, task logs, flows and DAGs.
+    # 3. folders: Metaflow's local metadata, task logs, the dags folder.
     for name, root in VOLUMES.items():
         t = time.time()
         n, size = w.add_tree("volumes/" + name, root)
         counts[name + "_files"] = n
         progress("  volume %s: %d files, %s (%s)" % (name, n, human(size), _took(t)))
-    for d in ("flows", "dags"):
-        n, size = w.add_tree("data/" + d, DATA_DIR / d)
-        counts[d + "_files"] = n
-        progress("  %s folder: %d files, %s" % (d, n, human(size)))
+    n, size = w.add_tree("data/dags", DATA_DIR / "dags")
+    counts["dags_files"] = n
+    progress("  dags folder: %d files, %s" % (n, human(size)))
     # 4. what `fab deploy` generated once and must never generate again.
     for rel in CONFIG_FILES:
         p = INSTALL_DIR / rel

@@ -134,13 +134,15 @@ def cmd_images(args):
 
 def cmd_prune_images(args):
     import ast
-    import glob
 
     from .images import list_environment_images, referenced_tags
     from .spec import normalize
 
     specs = []
-    for path in glob.glob(os.path.join(args.dags_folder, "**", "*.py"), recursive=True):
+    # os.walk, not glob: the generated DAG files are in a hidden folder.
+    paths = [os.path.join(d, f) for d, _, files in os.walk(args.dags_folder)
+             for f in files if f.endswith(".py")]
+    for path in paths:
         try:
             tree = ast.parse(open(path).read())
         except (OSError, SyntaxError):

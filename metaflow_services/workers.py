@@ -3,7 +3,8 @@
 each side.
 
 - DAG files: an edge worker parses the DAG file of every task it runs, from
-  its own DAGs folder. The main VM mirrors its dags folder to
+  its own DAGs folder. The main VM mirrors the generated DAG files of its
+  dags folder (``.metaflow-services/*.py``) to
   ``s3://BUCKET/mfs-workers/dags/``; each worker mirrors it back down (deletes
   included), every few seconds.
 - Metaflow's local metadata (a stack without the metadata service): a step
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from . import objectstore
 from .spec import write_atomic
+from .watcher import GENERATED
 
 log = logging.getLogger("metaflow_services.workers")
 
@@ -58,9 +60,11 @@ def _listing(s3, bucket, prefix):
 
 
 def _dag_files(folder: Path) -> dict:
-    """{name: path} of the DAG files at the top of the dags folder (the
-    compiler writes them there; dot-folders hold the watcher's state)."""
-    return {p.name: p for p in folder.glob("*.py") if p.is_file()}
+    """{path relative to the dags folder: path} of the generated DAG files
+    (the flow-watcher's .metaflow-services/): the only DAGs whose tasks run on
+    workers. Users' flow files and plain DAGs stay on the main VM."""
+    gen = folder / GENERATED
+    return {"%s/%s" % (GENERATED, p.name): p for p in gen.glob("*.py") if p.is_file()}
 
 
 def push_dags(s3, bucket, dags: Path) -> int:
@@ -84,14 +88,19 @@ def pull_dags(s3, bucket, dags: Path) -> int:
     local = _dag_files(dags)
     changed = 0
     for name, etag in remote.items():
-        if "/" in name or not name.endswith(".py"):
-            continue
+        folder, _, base = name.partition("/")
+        if folder != GENERATED or "/" in base or not base.endswith(".py"):
+            continue  # not a generated DAG file (an older main VM's layout)
         if name not in local or _md5(local[name]) != etag:
             body = s3.get_object(Bucket=bucket, Key=DAGS + name)["Body"].read()
+            (dags / GENERATED).mkdir(parents=True, exist_ok=True)
             write_atomic(str(dags / name), body.decode("utf-8"))
             changed += 1
     for name in set(local) - set(remote):
         local[name].unlink(missing_ok=True)
+        changed += 1
+    for stale in dags.glob("*.py"):  # the layout before the dags folder held flows
+        stale.unlink(missing_ok=True)
         changed += 1
     return changed
 

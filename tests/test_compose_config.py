@@ -155,7 +155,6 @@ def test_the_scheduler_runs_metaflow_steps_in_containers(full):
     mounts = {v["target"]: v["source"] for v in s["volumes"]}
     assert mounts["/var/run/docker.sock"] == "/var/run/docker.sock"
     assert mounts["/opt/airflow/dags"] == "/srv/metaflow-services/dags"
-    assert mounts["/opt/airflow/flows"] == "/srv/metaflow-services/flows"
     assert env["MFS_EXECUTOR"] == "docker"
     assert env["MFS_STEP_IMAGE"] == stack.images(o)["step"]
     assert env["MFS_DOCKER_NETWORK"] == cfg["networks"]["default"]["name"] == "metaflow-services"
@@ -175,9 +174,11 @@ def test_the_flow_watcher_compiles_flows_into_the_dags_folder(full):
     w = cfg["services"]["flow-watcher"]
     assert w["command"][:2] == ["metaflow-services", "watch"]
     mounts = {v["target"]: (v["source"], v.get("read_only", False)) for v in w["volumes"]}
-    # It reads the users' flows, writes the DAGs, and names owners from the VM's passwd.
-    assert mounts["/opt/airflow/flows"] == ("/srv/metaflow-services/flows", True)
+    # It reads the users' flows in the dags folder, writes their DAGs into its
+    # hidden folder there, and names owners from the VM's passwd.
+    assert w["command"][2:4] == ["--flows", "/opt/airflow/dags"] and "--dags" not in w["command"]
     assert mounts["/opt/airflow/dags"] == ("/srv/metaflow-services/dags", False)
+    assert not any("flows" in src for src, _ in mounts.values())
     assert mounts["/run/host/passwd"] == ("/etc/passwd", True)
     assert "/var/run/docker.sock" not in mounts
     env = w["environment"]

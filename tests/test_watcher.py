@@ -1,6 +1,7 @@
-"""The flows folder watcher: drop a flow, get a DAG; change it, the new version
-runs; break it, the error shows in Airflow and the last good DAG keeps
-running; remove it, the DAG goes away."""
+"""The flow-watcher: drop a flow, get a DAG; change it, the new version runs;
+break it, the error shows in Airflow and the last good DAG keeps running;
+remove it, the DAG goes away. (tests/test_dags_folder.py: flows next to plain
+DAGs in the dags folder, refusals, duplicates, git pull, the old layout.)"""
 
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ def test_a_broken_flow_gets_an_error_file_and_keeps_its_last_good_dag(tmp_path, 
 
 
 def test_a_read_only_flows_folder_compiles(tmp_path, seaweedfs):
-    """In the stack the watcher mounts the flows folder read-only."""
+    """A read-only folder of flows (a shared mount), the DAGs written
+    elsewhere (watch --dags)."""
     from metaflow_services.watcher import Watcher
 
     flows, dags = tmp_path / "flows", tmp_path / "dags"
@@ -179,11 +181,10 @@ def test_runs_of_a_flow_saved_by_root_are_recorded_under_the_default_user(tmp_pa
 @pytest.fixture(scope="module")
 def watched(airflow):
     airflow.start_scheduler(harness.worker_env("subprocess", BASE, MFLOCAL))
-    flows = BASE / "watched-flows"
-    flows.mkdir(exist_ok=True)
+    # As in the stack: flows go into Airflow's dags folder itself.
+    flows = airflow.dags
     proc = harness.Process("watcher", [str(VENV_BIN / "metaflow-services"), "watch", "--flows",
-                                       str(flows), "--dags", str(airflow.dags), "--interval",
-                                       "1", "--settle", "1"],
+                                       str(flows), "--interval", "1", "--settle", "1"],
                            dict(os.environ), BASE)
     yield airflow, flows
     proc.stop()

@@ -30,27 +30,35 @@ def s3(seaweedfs):
 
 
 def test_dag_files_follow_the_main_vm_changes_and_deletions_included(s3, tmp_path):
+    """Only the generated DAG files travel (the flows' DAGs, in the dags
+    folder's .metaflow-services/): users' flow files and plain DAGs stay on
+    the main VM, whose own workers run them."""
     client, bucket = s3
     main, worker = tmp_path / "main", tmp_path / "worker"
-    (main / ".metaflow-services").mkdir(parents=True)
-    (main / ".metaflow-services" / "state.json").write_text("{}")
-    (main / "A.py").write_text("SPEC = 1\n")
-    (main / "B.py").write_text("SPEC = 2\n")
-    worker.mkdir()
-    (worker / "Gone.py").write_text("an old DAG\n")
+    gen = main / ".metaflow-services"
+    gen.mkdir(parents=True)
+    (gen / "state.json").write_text("{}")
+    (gen / "A.py").write_text("SPEC = 1\n")
+    (gen / "B.py").write_text("SPEC = 2\n")
+    (main / "my_flow.py").write_text("class MyFlow(FlowSpec): ...\n")   # a user's flow file
+    (main / "plain_dag.py").write_text("from airflow.sdk import DAG\n")
+    (worker / ".metaflow-services").mkdir(parents=True)
+    (worker / ".metaflow-services" / "Gone.py").write_text("an old DAG\n")
+    (worker / "Old.py").write_text("a DAG file of the layout before flows lived in dags\n")
 
     assert sync.push_dags(client, bucket, main) == 2
-    assert sync.pull_dags(client, bucket, worker) == 3   # A, B in; Gone out
-    assert sorted(p.name for p in worker.iterdir()) == ["A.py", "B.py"]
+    assert sync.pull_dags(client, bucket, worker) == 4   # A, B in; Gone and Old out
+    on_worker = sorted(str(p.relative_to(worker)) for p in worker.rglob("*") if p.is_file())
+    assert on_worker == [".metaflow-services/A.py", ".metaflow-services/B.py"]
     assert sync.push_dags(client, bucket, main) == 0      # nothing changed: nothing sent
     assert sync.pull_dags(client, bucket, worker) == 0
 
-    (main / "A.py").write_text("SPEC = 10\n")
-    (main / "B.py").unlink()
+    (gen / "A.py").write_text("SPEC = 10\n")
+    (gen / "B.py").unlink()
     assert sync.push_dags(client, bucket, main) == 2
     assert sync.pull_dags(client, bucket, worker) == 2
-    assert sorted(p.name for p in worker.iterdir()) == ["A.py"]
-    assert (worker / "A.py").read_text() == "SPEC = 10\n"
+    assert sorted(p.name for p in (worker / ".metaflow-services").iterdir()) == ["A.py"]
+    assert (worker / ".metaflow-services" / "A.py").read_text() == "SPEC = 10\n"
 
 
 def test_worker_metadata_reaches_the_main_vm_once_and_never_overwrites(s3, tmp_path):

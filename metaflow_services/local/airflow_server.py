@@ -46,6 +46,8 @@ class Airflow:
         env.update({
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags),
+            # As on the VM: flow files in the dags folder are not DAG files.
+            "AIRFLOW__CORE__MIGHT_CONTAIN_DAG_CALLABLE": "metaflow_services.watcher.might_contain_dag",
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "8",
