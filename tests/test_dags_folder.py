@@ -13,7 +13,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 
 from metaflow_services.watcher import GENERATED, Watcher, might_contain_dag
 from support import deploy_module

@@ -42,7 +42,7 @@ def test_a_flow_runs_and_records_its_metadata_on_the_shared_volume(lean, lab):
     from metaflow_services.spec import run_id_for
 
     api = lab.airflow()
-    flow = lab.vm.root / DATA_DIR.lstrip("/") / "flows" / "deploy_check_flow.py"
+    flow = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / "deploy_check_flow.py"
     assert flow.exists(), "the check flow is part of the deployment the lean variant inherits"
     api.patch("https://%s/api/v2/dags/DeployCheckFlow" % VM_IP, json={"is_paused": False},
               timeout=30).raise_for_status()

@@ -139,7 +139,7 @@ def drop_check_flow(lab):
     from fabric import Connection
 
     with Connection(VM_IP, user="deployer", connect_kwargs={"key_filename": str(lab.key)}) as c:
-        c.put(str(FLOW), "%s/flows/deploy_check_flow.py" % DATA_DIR)
+        c.put(str(FLOW), "%s/dags/deploy_check_flow.py" % DATA_DIR)
     dag_file = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / "DeployCheckFlow.py"
     deadline = time.time() + 120
     while not dag_file.exists():

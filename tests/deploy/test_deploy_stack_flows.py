@@ -1,10 +1,13 @@
-"""Users' flows on the deployed stack (issue 4): a flow file dropped into the
-VM's flows folder becomes a DAG through the stack's flow-watcher; changed, its
+"""Users' flows on the deployed stack (issues 4 and 12): a flow file dropped
+into the VM's dags folder (scp as root or as a member of the group metaflow,
+a git checkout and `git pull`, next to plain Airflow DAGs) becomes a DAG
+through the stack's flow-watcher; changed, its
 new version runs; broken, the error shows in Airflow's import errors and in
 `fab status` while the last good DAG keeps running; removed, its DAG goes
 away. `fab push-flows` copies a folder and reports each flow's DAG or error.
 `fab tunnel` + `fab client-config --tunnel` + `metaflow-services doctor
---profile` check the deployment from a workstation.
+--profile` check the deployment from a workstation. A deployment from before
+flows lived in the dags folder moves its flows/ in on `fab deploy`.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ SCHEDULED = textwrap.dedent('''
 
 class User:
     """A data scientist with an account on the VM (the deploy's login user,
-    in the group that may write the flows folder), copying files over SFTP."""
+    in the group that may write the dags folder), copying files over SFTP."""
 
     def __init__(self, lab):
         from fabric import Connection
@@ -78,7 +81,7 @@ class User:
                             connect_kwargs={"key_filename": str(lab.key)})
 
     def write(self, rel, text):
-        path = "%s/flows/%s" % (DATA_DIR, rel)
+        path = "%s/dags/%s" % (DATA_DIR, rel)
         self.c.run("mkdir -p %s" % os.path.dirname(path), hide=True, in_stream=False)
         tmp = path + ".tmp"  # not a flow file: the watcher ignores it until renamed
         with self.c.sftp().open(tmp, "w") as f:
@@ -86,7 +89,7 @@ class User:
         self.c.run("mv -f %s %s" % (tmp, path), hide=True, in_stream=False)
 
     def remove(self, rel):
-        self.c.run("rm -rf %s/flows/%s" % (DATA_DIR, rel), hide=True, in_stream=False)
+        self.c.run("rm -rf %s/dags/%s" % (DATA_DIR, rel), hide=True, in_stream=False)
 
 
 def dag(api, dag_id):

@@ -35,7 +35,7 @@ def stack(deployed, lab):
         run_check_flow(deployed, lab)
     # The flows tests' `push-flows --delete` removed the check flow's file:
     # put it back, so its DAG is live in what is backed up and restored.
-    if not (lab.vm.root / DATA_DIR.lstrip("/") / "flows" / FLOW.name).exists():
+    if not (lab.vm.root / DATA_DIR.lstrip("/") / "dags" / FLOW.name).exists():
         drop_check_flow(lab)
     return lab
 
@@ -75,7 +75,9 @@ def untouched(lab):
 
 
 def flow_files(lab):
-    return set(lab.sh("cd %s/flows && find . -type f -printf '%%P\\n'" % DATA_DIR).split())
+    """The users' files in the dags folder (the generated ones aside)."""
+    return set(lab.sh("cd %s/dags && find . -type f ! -path './.metaflow-services/*' "
+                      "-printf '%%P\\n'" % DATA_DIR).split())
 
 
 def metadata_runs(lab):
@@ -177,7 +179,7 @@ def test_backup_writes_one_checked_archive_and_copies_it_here(stack, tmp_path_fa
     assert res.returncode == 0, str(res)
     out = res.output
     for part in ("postgres: airflow", "postgres: metaflow", "bucket metaflow:",
-                 "volume airflow-logs:", "flows folder:", "configuration: secrets",
+                 "volume airflow-logs:", "dags folder:", "configuration: secrets",
                  "backup written:", "checksum matches"):
         assert part in out, part
     # Never the secrets' values, though the archive holds them.
@@ -194,7 +196,8 @@ def test_backup_writes_one_checked_archive_and_copies_it_here(stack, tmp_path_fa
     assert {"postgres/airflow.dump", "postgres/metaflow.dump", "config/secrets.env",
             "config/deploy.json"} <= set(members)
     lab.results["flow_files"] = flow_files(lab)
-    assert {"data/flows/" + f for f in lab.results["flow_files"]} <= set(members)
+    assert {"data/dags/" + f for f in lab.results["flow_files"]} <= set(members)
+    assert "data/dags/.metaflow-services/DeployCheckFlow.py" in members   # its generated DAG
     assert "deploy_check_flow.py" in lab.results["flow_files"]
     assert any(m.startswith("bucket/metaflow/DeployCheckFlow/") for m in members)
     assert any(m.startswith("volumes/airflow-logs/dag_id=DeployCheckFlow/") for m in members)
