@@ -1,4 +1,4 @@
-"""Benchmark: the flows-folder watcher. Prints numbers; asserts nothing.
+"""Benchmark: the flow-watcher on a dags folder. Prints numbers; asserts nothing.
 
     .venv/bin/python benchmarks/bench_watcher.py
 
@@ -35,8 +35,6 @@ def main():
     s3, pg = local.SeaweedFS(base), local.Postgres(base)
     env = local.metaflow_env(s3, mflocal, "bench")
     os.environ.update(env)
-    flows = base / "flows"
-    flows.mkdir()
     af = watcher = idle = None
     try:
         print("starting PostgreSQL, SeaweedFS, Airflow, the watcher ...", flush=True)
@@ -44,8 +42,9 @@ def main():
         pg.start()
         af = local.Airflow(base, pg, env, max_map_length=1024)
         af.start(local.worker_env("subprocess", base, mflocal))
+        flows = af.dags   # as in the stack: flows go into Airflow's dags folder
         watcher = local.Process("watcher", [str(local.VENV_BIN / "metaflow-services"), "watch",
-                                              "--flows", str(flows), "--dags", str(af.dags)],
+                                              "--flows", str(flows)],
                                   dict(os.environ), base)
         api = af.api()
         time.sleep(3)

@@ -281,8 +281,11 @@ def test_the_shipped_readme_is_kept_current_unless_a_user_made_it_theirs(tmp_pat
     stack = deploy_module("stack")
     readme = (stack.DAGS_DIR / "README.md").read_text()
     path = tmp_path / "dags" / "README.md"
+    path.parent.mkdir()
+    path.parent.chmod(0o2775)   # the group's folder: writing our file keeps it so
     owner = "%d:%d" % (os.getuid(), os.getgid())
     assert _sh(cmd.ship_unless_edited(str(path), readme, owner)) == "written"
+    assert path.parent.stat().st_mode & 0o7777 == 0o2775
     assert path.read_text() == readme
     assert _sh(cmd.ship_unless_edited(str(path), readme, owner)) == "unchanged"
     newer = readme.replace("Put Metaflow flows here", "Put your Metaflow flows here")

@@ -37,10 +37,13 @@ def install_uploaded(src, path, mode="0600", owner="root:root") -> str:
 def install_if_changed(producer, path, mode, owner) -> str:
     p = q(path)
     tmp = q(path + ".new")
-    return ("install -d -m 0755 \"$(dirname %s)\" && (umask 077 && %s > %s) && "
+    # A missing folder is made 0755; an existing one keeps its mode (the
+    # dags folder is 2775, tls/ private).
+    return ("{ [ -d \"$(dirname %s)\" ] || install -d -m 0755 \"$(dirname %s)\"; } && "
+            "(umask 077 && %s > %s) && "
             "if cmp -s %s %s; then rm -f %s; echo unchanged; else chmod %s %s && chown %s %s "
             "&& mv -f %s %s && echo written; fi"
-            % (p, producer, tmp, tmp, p, tmp, mode, tmp, owner, tmp, tmp, p))
+            % (p, p, producer, tmp, tmp, p, tmp, mode, tmp, owner, tmp, tmp, p))
 
 
 def unpack_stack(install_dir, archive, sha, files) -> str:
