@@ -373,10 +373,24 @@ def might_contain_dag(file_path: str, zip_file=None) -> bool:
     from airflow.utils.file import might_contain_dag_via_default_heuristic
 
     if zip_file is None and file_path.endswith(".py"):
-        kind = classify(Path(file_path))
+        try:
+            st = os.stat(file_path)
+        except OSError:
+            return False
+        # The dag-processor asks about every file on every listing (10 s):
+        # a file is read again only when it changed.
+        key = (file_path, st.st_mtime_ns, st.st_size)
+        kind = _KINDS.get(key)
+        if kind is None:
+            if len(_KINDS) > 10000:
+                _KINDS.clear()
+            kind = _KINDS[key] = classify(Path(file_path))
         if kind.is_flow and not kind.imports_airflow:
             return False
     return might_contain_dag_via_default_heuristic(file_path, zip_file=zip_file)
+
+
+_KINDS: dict = {}
 
 
 def duplicate_message(rel, holder, summary) -> str:

@@ -140,7 +140,8 @@ def drop_check_flow(lab):
 
     with Connection(VM_IP, user="deployer", connect_kwargs={"key_filename": str(lab.key)}) as c:
         c.put(str(FLOW), "%s/dags/deploy_check_flow.py" % DATA_DIR)
-    dag_file = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / "DeployCheckFlow.py"
+    dag_file = (lab.vm.root / DATA_DIR.lstrip("/") / "dags" / ".metaflow-services"
+                / "DeployCheckFlow.py")
     deadline = time.time() + 120
     while not dag_file.exists():
         assert time.time() < deadline, lab.compose("logs --tail 50 flow-watcher")

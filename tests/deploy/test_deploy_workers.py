@@ -106,7 +106,7 @@ def test_a_foreach_spreads_over_both_vms_and_a_routed_step_runs_on_its_queue(lab
     assert "worker_added" in lab.results, "needs the worker"
     with Connection(VM_IP, user="deployer", connect_kwargs={"key_filename": str(lab.key)}) as c:
         c.put(str(FLOW), "%s/dags/spread_flow.py" % DATA_DIR)
-    dag = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / "SpreadFlow.py"
+    dag = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / ".metaflow-services" / "SpreadFlow.py"
     api, base = lab.airflow(), "https://%s/api/v2/dags/SpreadFlow" % VM_IP
     deadline = time.time() + 240
     while not dag.exists() or api.get(base, timeout=30).status_code != 200:
