@@ -77,3 +77,46 @@ def compile_flow(flow_file, out_dir, env=None, extra_args=(), check=True):
     if check and proc.returncode != 0:
         raise AssertionError("compile of %s failed:\n%s\n%s" % (flow_file, proc.stdout, proc.stderr))
     return proc
+
+
+VALUE_FLOW = '''from metaflow import FlowSpec, step
+from helper import VALUE
+
+
+class {name}(FlowSpec):
+    """{doc}"""
+
+    @step
+    def start(self):
+        self.value = VALUE
+        self.next(self.end)
+
+    @step
+    def end(self):
+        print("value", self.value)
+
+
+if __name__ == "__main__":
+    {name}()
+'''
+
+PLAIN_DAG = '''"""A plain Airflow DAG that lives next to the flows: Airflow's, untouched."""
+import datetime
+
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.sdk import DAG
+
+with DAG("{dag_id}", start_date=datetime.datetime(2024, 1, 1), schedule=None,
+         is_paused_upon_creation=False):
+    BashOperator(task_id="hello", bash_command="echo plain dag ran")
+'''
+
+
+def value_flow(name, doc="A flow: its start step keeps VALUE from helper.py next to it."):
+    """The text of a flow file named *name* whose `value` artifact comes from
+    the helper module next to it (the watcher and dags folder tests)."""
+    return VALUE_FLOW.format(name=name, doc=doc)
+
+
+def plain_dag(dag_id="plain_dag"):
+    return PLAIN_DAG.format(dag_id=dag_id)

@@ -179,7 +179,9 @@ def test_the_flow_watcher_compiles_flows_into_the_dags_folder(full):
     assert w["command"][2:4] == ["--flows", "/opt/airflow/dags"] and "--dags" not in w["command"]
     assert mounts["/opt/airflow/dags"] == ("/srv/metaflow-services/dags", False)
     assert not any("flows" in src for src, _ in mounts.values())
-    assert mounts["/run/host/passwd"] == ("/etc/passwd", True)
+    # The folder, read only: a file mount would miss users added since.
+    assert mounts["/run/host/etc"] == ("/etc", True)
+    assert w["command"][w["command"].index("--passwd") + 1] == "/run/host/etc/passwd"
     assert "/var/run/docker.sock" not in mounts
     env = w["environment"]
     # Compiling uploads code packages: the same object store and metadata as the runs.

@@ -9,50 +9,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import textwrap
 import time
 from pathlib import Path
 
 
 from metaflow_services.watcher import GENERATED, Watcher, might_contain_dag
-from support import deploy_module
+from support import deploy_module, plain_dag, value_flow
 
-FLOW = textwrap.dedent('''
-    from metaflow import FlowSpec, step
-    from helper import VALUE
-
-
-    class {name}(FlowSpec):
-        """{doc}"""
-
-        @step
-        def start(self):
-            self.value = VALUE
-            self.next(self.end)
-
-        @step
-        def end(self):
-            print("value", self.value)
-
-
-    if __name__ == "__main__":
-        {name}()
-''')
-
-PLAIN_DAG = textwrap.dedent('''
-    """A plain Airflow DAG that lives next to the flows."""
-    import datetime
-
-    from airflow.sdk import DAG
-    from airflow.providers.standard.operators.empty import EmptyOperator
-
-    with DAG("plain_dag", start_date=datetime.datetime(2024, 1, 1), schedule=None):
-        EmptyOperator(task_id="noop")
-''')
+PLAIN_DAG = plain_dag()
 
 
 def flow(name, doc="A flow.", value=1):
-    return FLOW.format(name=name, doc=doc), "VALUE = %r\n" % value
+    return value_flow(name, doc), "VALUE = %r\n" % value
 
 
 def write(path: Path, text, mtime=None):
@@ -125,7 +93,7 @@ def test_refused_files_say_why_and_leave_the_rest_alone(tmp_path, seaweedfs):
     w = Watcher(dags, settle=0)
     done = {s.path: s for s in settle(w)}
     assert done["good/good_flow.py"].status == "ok"
-    assert "not UTF-8 text (byte 0xe9 on line 7)" in done["latin/latin1_flow.py"].message
+    assert "not UTF-8 text (byte 0xe9 on line 6)" in done["latin/latin1_flow.py"].message
     assert "imports Airflow" in done["mixed/mixed_flow.py"].message
     assert "separate files" in done["mixed/mixed_flow.py"].message
     assert "is 2.1 MB" in done["huge/huge_flow.py"].message

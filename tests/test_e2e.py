@@ -53,6 +53,13 @@ RUNS = {
 }
 
 
+# The subprocess executor (an option; docker is the default) runs what
+# depends on how a step is launched, logged, retried and killed. Graph shapes,
+# parameters and decorators are the same runtime whichever executor launches
+# the step: checked once, with docker (this keeps CI within its budget).
+SUBPROCESS_RUNS = {"linear", "retry_catch", "stubborn", "foreach_3", "nested"}
+
+
 @dataclass
 class Batch:
     executor: str
@@ -92,15 +99,23 @@ def batch(request, airflow, dags):
                                                MFS_TIMEOUT_GRACE_SECONDS=str(GRACE)))
     api = airflow.api()
     b = Batch(executor, api)
-    for key, (dag_id, conf) in RUNS.items():
+    keys = [k for k in RUNS if executor == "docker" or k in SUBPROCESS_RUNS]
+    for key in keys:
+        dag_id, conf = RUNS[key]
         b.runs[key] = api.trigger(dag_id, conf, run_id="%s__%s__%d" % (key, executor, time.time()))
-    for key, (dag_id, _) in RUNS.items():
-        b.states[key] = api.wait_for_run(dag_id, b.runs[key], timeout=900)
+    for key in keys:
+        b.states[key] = api.wait_for_run(RUNS[key][0], b.runs[key], timeout=900)
     return b
 
 
+def state(batch, key):
+    if key not in batch.states:
+        pytest.skip("executor-independent: checked with the docker executor (the default)")
+    return batch.states[key]
+
+
 def ok(batch, key):
-    assert batch.states[key] == "success", _failure_report(batch, key)
+    assert state(batch, key) == "success", _failure_report(batch, key)
     run = batch.mf_run(key)
     assert run.successful, "Metaflow run %s is not successful" % run
     return run
@@ -196,7 +211,7 @@ def test_foreach_widths(batch, key, width):
 
 
 def test_zero_width_foreach_fails_the_run(batch):
-    assert batch.states["foreach_0"] == "failed"
+    assert state(batch, "foreach_0") == "failed"
     start = [ti for ti in batch.tis("foreach_0") if ti["task_id"] == "start"][0]
     assert start["state"] == "failed"
 
@@ -317,7 +332,7 @@ def test_each_task_links_to_its_metaflow_run(batch):
 
 
 def test_hard_deadline_kills_a_step_that_ignores_its_timeout(batch):
-    assert batch.states["stubborn"] == "failed"
+    assert state(batch, "stubborn") == "failed"
     log = batch.api.task_log("StubbornFlow", batch.runs["stubborn"], "stuck")
     assert "stuck step running" in log
     assert "ran past its deadline" in log

@@ -8,34 +8,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
 import harness
-from support import BASE, MFLOCAL, VENV_BIN
+from support import BASE, MFLOCAL, VENV_BIN, value_flow
 
-FLOW = textwrap.dedent('''
-    from metaflow import FlowSpec, step
-    from helper import VALUE
-
-
-    class WatchedFlow(FlowSpec):
-        @step
-        def start(self):
-            self.value = VALUE
-            self.next(self.end)
-
-        @step
-        def end(self):
-            print("value", self.value)
-
-
-    if __name__ == "__main__":
-        WatchedFlow()
-''')
+FLOW = value_flow("WatchedFlow")
 
 
 def write(path: Path, text: str):

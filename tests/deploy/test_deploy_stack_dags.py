@@ -11,57 +11,23 @@ from __future__ import annotations
 
 import json
 import subprocess
-import textwrap
 import time
 
 import pytest
 from test_deploy_stack_flows import dag, run_meta, wait
 
 from deploylab import DATA_DIR, VM_IP
+from support import plain_dag, value_flow
 
 pytestmark = pytest.mark.deploy
 
 DAGS = DATA_DIR + "/dags"
 
-FLOW = textwrap.dedent('''
-    from metaflow import FlowSpec, step
-    from helper import VALUE
-
-
-    class {name}(FlowSpec):
-        """Scheduled by Airflow: a flow, not a DAG file (Airflow must not parse it)."""
-
-        @step
-        def start(self):
-            self.value = VALUE
-            self.next(self.end)
-
-        @step
-        def end(self):
-            print("value", self.value)
-
-
-    if __name__ == "__main__":
-        {name}()
-''')
-
-PLAIN_DAG = textwrap.dedent('''
-    """A plain Airflow DAG next to the flows: Airflow's, untouched."""
-    import datetime
-
-    from airflow.providers.standard.operators.bash import BashOperator
-    from airflow.sdk import DAG
-
-    with DAG("plain_dag_next_to_flows", start_date=datetime.datetime(2024, 1, 1),
-             schedule=None, is_paused_upon_creation=False):
-        BashOperator(task_id="hello", bash_command="echo plain dag ran")
-''')
-
-
 def flow_folder(tmp_path, name, value):
     folder = tmp_path / name.lower()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "flow.py").write_text(FLOW.format(name=name))
+    (folder / "flow.py").write_text(value_flow(name, "Scheduled by Airflow: a flow, not a DAG "
+                                                     "file (Airflow must not parse it)."))
     (folder / "helper.py").write_text("VALUE = %r\n" % value)
     return folder
 
@@ -116,7 +82,7 @@ def test_scp_as_root_and_as_a_group_member_next_to_a_plain_dag(deployed, lab, al
     assert res.returncode == 0, res.stderr
     res = scp(lab, alice, flow_folder(tmp_path / "alice", "AliceScpFlow", "from alice"), DAGS)
     assert res.returncode == 0, res.stderr
-    (tmp_path / "plain_dag.py").write_text(PLAIN_DAG)
+    (tmp_path / "plain_dag.py").write_text(plain_dag("plain_dag_next_to_flows"))
     res = scp(lab, alice, tmp_path / "plain_dag.py", DAGS + "/plain_dag.py", recursive=False)
     assert res.returncode == 0, res.stderr
     t0 = time.time()
