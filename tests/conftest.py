@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support import (BASE, GRACE, MAX_MAP_LENGTH, METAFLOW_ENV, POSTGRES, SEAWEED,  # noqa: E402
+from support import (BASE, DEPLOY_ORDER, GRACE, MAX_MAP_LENGTH, METAFLOW_ENV, POSTGRES, SEAWEED,  # noqa: E402
                      UI_URL, harness)
 
 
@@ -76,13 +76,7 @@ def metaflow_service(postgres, seaweedfs):
     svc.stop()
 
 
-# The deploy test modules share one VM and run in this order: refusals on the
-# bare VM; the first deploy and what users do with it; backup, upgrade and
-# restore (onto a new bare VM); worker VMs; the lean variant last (it switches
-# the Metaflow services off).
-DEPLOY_ORDER = ["test_deploy_refusals", "test_deploy_stack", "test_deploy_stack_flows",
-                "test_deploy_metaflow", "test_deploy_readme", "test_deploy_upkeep",
-                "test_deploy_workers", "test_deploy_lean"]
+# The deploy test modules share one VM and run in support.DEPLOY_ORDER.
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -94,6 +88,8 @@ def pytest_collection_modifyitems(session, config, items):
         if item.get_closest_marker("deploy") is None:
             return (0, 0)
         name = item.module.__name__.rsplit(".", 1)[-1]
+        # A module missing here would run after the lean variant and the new
+        # VM: tests/test_layout.py checks that every deploy module is listed.
         return (1, DEPLOY_ORDER.index(name) if name in DEPLOY_ORDER else len(DEPLOY_ORDER))
     items.sort(key=key)
 

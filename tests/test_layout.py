@@ -133,3 +133,12 @@ def test_nothing_outside_tests_imports_test_code():
         if bad:
             offenders[str(p.relative_to(REPO))] = bad
     assert not offenders, offenders
+
+
+def test_every_deploy_test_module_has_its_place_in_the_order():
+    """An unlisted module runs after the lean variant and the VM's
+    replacement, on a stack it was not written for."""
+    from support import DEPLOY_ORDER
+
+    modules = {p.stem for p in (REPO / "tests" / "deploy").glob("test_deploy_*.py")}
+    assert modules == set(DEPLOY_ORDER), modules ^ set(DEPLOY_ORDER)
