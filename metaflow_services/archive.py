@@ -4,7 +4,10 @@ archive before it changes anything. What goes into it, and restoring it into
 a stack, is ``backup``; `fab restore` checks an archive with ``verify``.
 
 S3 objects keep their metadata (Metaflow's cas_raw, ...) and content type in
-PAX headers of their members.
+PAX headers of their members, named as extended attributes
+(``SCHILY.xattr.user.mfs.s3.*``): GNU tar and bsdtar know that namespace, so
+``tar -tf`` lists an archive without a warning per object (an unknown keyword
+costs one). Archives written before use ``MFS.s3.*``; both are read.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ FORMAT = 1
 PREFIX = "metaflow-services-backup-"
 SUFFIX = ".tar"
 MANIFEST = "manifest.json"
-PAX_META = "MFS.s3.meta."      # S3 user metadata of an object (Metaflow's cas_raw, ...)
-PAX_TYPE = "MFS.s3.content-type"
+PAX_META = "SCHILY.xattr.user.mfs.s3.meta."   # S3 user metadata (Metaflow's cas_raw, ...)
+PAX_TYPE = "SCHILY.xattr.user.mfs.s3.content-type"
+# The keywords of archives written before (read, never written).
+OLD_PAX_META, OLD_PAX_TYPE = "MFS.s3.meta.", "MFS.s3.content-type"
 CHUNK = 1 << 20
 
 

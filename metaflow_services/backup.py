@@ -39,7 +39,8 @@ from pathlib import Path
 
 from . import objectstore
 # MANIFEST, PREFIX and SUFFIX are not used here: deploy/ reads them from this module.
-from .archive import (CHUNK, FORMAT, MANIFEST, PAX_META, PAX_TYPE, PREFIX, SUFFIX,  # noqa: F401
+from .archive import (CHUNK, FORMAT, MANIFEST, OLD_PAX_META, OLD_PAX_TYPE, PAX_META,  # noqa: F401
+                      PAX_TYPE, PREFIX, SUFFIX,
                       BackupError, Writer, human, name_for, verify)
 from .checks import check_object_store
 
@@ -367,12 +368,25 @@ def _restore_db(tar, m, pg, stage, progress):
 
 
 def _restore_object(tar, m, s3, bucket):
-    meta = {k[len(PAX_META):]: v for k, v in m.pax_headers.items() if k.startswith(PAX_META)}
+    meta, content_type = object_metadata(m.pax_headers)
     extra = {"Metadata": meta} if meta else {}
-    if PAX_TYPE in m.pax_headers:
-        extra["ContentType"] = m.pax_headers[PAX_TYPE]
+    if content_type:
+        extra["ContentType"] = content_type
     with tar.extractfile(m) as f:
         s3.upload_fileobj(f, bucket, m.name[len("bucket/"):], ExtraArgs=extra or None)
+
+
+def object_metadata(pax: dict):
+    """(S3 user metadata, content type) of a bucket member, from its PAX
+    headers in either keyword set."""
+    meta, content_type = {}, None
+    for k, v in pax.items():
+        for prefix in (PAX_META, OLD_PAX_META):
+            if k.startswith(prefix):
+                meta[k[len(prefix):]] = v
+        if k in (PAX_TYPE, OLD_PAX_TYPE):
+            content_type = v
+    return meta, content_type
 
 
 def _extract(tar, m, root):

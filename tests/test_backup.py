@@ -32,6 +32,34 @@ def make_archive(tmp_path: Path, files=None) -> Path:
     return path
 
 
+def test_standard_tar_lists_and_extracts_an_archive_without_warnings(tmp_path):
+    """GNU tar warns once per unknown PAX keyword: a small platform's
+    backup listed thousands of lines of warnings. The S3 metadata keywords are
+    in the extended-attribute namespace tar knows."""
+    import subprocess
+
+    path = make_archive(tmp_path)
+    listed = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True)
+    assert listed.returncode == 0 and listed.stderr == ""
+    assert "bucket/metaflow/Flow/1/x" in listed.stdout.split()
+    out = tmp_path / "out"
+    out.mkdir()
+    extracted = subprocess.run(["tar", "-xf", str(path), "-C", str(out)], capture_output=True,
+                               text=True)
+    assert extracted.returncode == 0 and extracted.stderr == ""
+    assert (out / "bucket/metaflow/Flow/1/x").read_bytes() == b"object"
+
+
+def test_object_metadata_is_read_in_both_keyword_sets():
+    """Archives written before the rename keep restoring with their metadata."""
+    new = {archive.PAX_META + "cas_raw": "true", archive.PAX_TYPE: "application/json",
+           "path": "bucket/x"}
+    old = {archive.OLD_PAX_META + "cas_raw": "true", archive.OLD_PAX_TYPE: "application/json"}
+    assert backup.object_metadata(new) == backup.object_metadata(old) == (
+        {"cas_raw": "true"}, "application/json")
+    assert backup.object_metadata({}) == ({}, None)
+
+
 def test_an_archive_verifies_and_is_private(tmp_path):
     path = make_archive(tmp_path)
     m = archive.verify(path)
