@@ -9,7 +9,10 @@ around it:
 
 * restore = ``RESTORE``: the deploy's steps onto a fresh VM with the backup's
   options and secrets (never generated anew), loading the archive after the
-  images are in place and before Airflow starts;
+  images are in place and before Airflow starts; then every DAG is paused so
+  that no schedule fires and no run in flight at backup time resumes while
+  the old VM may still run them (`fab resume` goes live; `--resume` for a
+  disaster recovery);
 * upgrade = a backup, then ``steps.DEPLOY`` with the new image references; if
   any step fails (migration, health, smoke test) the previous images come
   back with the database of that backup, and the report says so.
@@ -27,6 +30,7 @@ from metaflow_services import archive
 
 from . import bundle as bundle_mod
 from . import commands as cmd
+from . import runs as runs_mod
 from . import stack
 from . import steps
 from .remote import DeployError
@@ -143,6 +147,58 @@ def restore(s: Session):
     with s.lock("fab restore"):
         steps.run(s, RESTORE)
     steps.summary(s)
+    if s.held:
+        s.out.stream.write(
+            "Held back (the old VM may still run them): %d schedules paused, %d runs in "
+            "flight at backup time not resumed. Go live with: fab -H %s resume\n"
+            % (len(s.held["paused_dags"]), len(s.held["runs_in_flight"]), s.host))
+
+
+def hold_runs(s: Session):
+    """Right after the data is loaded, before Airflow starts: what was in
+    flight at backup time, and (unless --resume) every schedule paused."""
+    s.out.step("runs in flight at backup time")
+    runs = runs_mod.in_flight(s)
+    for line in runs_mod.describe(runs):
+        s.out.info(line)
+    if s.resume:
+        n = runs_mod.reset_cut_off(s)
+        s.out.ok("%d runs in flight and every schedule go live now (--resume; %d tasks the "
+                 "backup caught running run again as their next attempt): make sure the old "
+                 "VM is gone, or they run twice" % (len(runs), n))
+        return
+    s.held = runs_mod.hold(s)
+    s.out.ok("held back: %d active DAGs paused, so no schedule fires and the %d runs in flight "
+             "do not go on; %d tasks the backup caught running will run again as their next "
+             "attempt once you go live: fab -H %s resume"
+             % (len(s.held["paused_dags"]), len(runs), s.held["tasks_reset"], s.host))
+
+
+def resume(s: Session):
+    """`fab resume`: unpause what a restore held back."""
+    with s.lock("fab resume"):
+        held = runs_mod.read_held(s)
+        if not held:
+            s.out.ok("nothing held back on %s: no restore paused anything (pause and unpause "
+                     "DAGs in the Airflow UI)" % s.host)
+            return
+        s.out.step("going live: what the restore of %s held back" % held["held_at"])
+        dags = runs_mod.release(s, held)
+    for d in dags:
+        s.out.info("unpaused %s" % d)
+    s.out.ok("%d DAGs unpaused: their schedules fire again and the %d runs that were in flight "
+             "at backup time continue (a task cut off by the backup runs again as its next "
+             "attempt)" % (len(dags), len(held.get("runs_in_flight") or [])))
+
+
+def held_warning(s: Session) -> list:
+    """The warning of `fab status` while a restore holds things back."""
+    held = runs_mod.read_held(s)
+    if not held:
+        return []
+    return ["restored %s with %d DAGs paused and %d runs in flight held back: fab -H %s resume "
+            "when the old VM is gone" % (held["held_at"], len(held["paused_dags"]),
+                                         len(held["runs_in_flight"]), s.host)]
 
 
 def require_fresh_vm(s: Session):
@@ -232,12 +288,62 @@ def extract_config(path: Path, dest: Path) -> dict:
 
 
 RESTORE = ([steps.install_docker, steps.upload_stack, install_backup_config, steps.ensure_secrets,
-            steps.certificate, steps.configure, steps.images, load_backup] + steps.GO_LIVE)
+            steps.certificate, steps.configure, steps.images, load_backup, hold_runs]
+           + steps.GO_LIVE)
 
 
 # ---------------------------------------------------------------------------
 # Upgrade: a backup, the deploy's steps, and a rollback when one fails
 # ---------------------------------------------------------------------------
+
+
+def runs_in_flight_before_upgrade(s: Session, drain, drain_timeout, go_ahead, ask=None):
+    """Before an upgrade changes anything: runs in flight are named, and the
+    user decides (drain: wait for them; go ahead: their running tasks stop and
+    run again as their next attempt after the upgrade). Without a decision
+    (and no terminal to ask on) nothing changes."""
+    runs = runs_mod.in_flight(s)
+    if not runs:
+        s.out.ok("no runs in flight")
+        return
+    s.out.warn("%d runs in flight:" % len(runs))
+    for line in runs_mod.describe(runs):
+        s.out.info(line)
+    if not (drain or go_ahead):
+        answer = (ask or _ask)("Wait for them to finish (d), upgrade now and stop their running "
+                               "tasks (g), or cancel (c)? [d/g/c] ")
+        drain, go_ahead = answer == "d", answer == "g"
+        if not (drain or go_ahead):
+            raise DeployError("the upgrade waits for a decision: %d runs in flight (nothing was "
+                              "changed)" % len(runs),
+                              "run fab upgrade --drain to wait for them, or --go-ahead to stop "
+                              "their running tasks (they run again after the upgrade)")
+    if go_ahead:
+        s.out.ok("going ahead (--go-ahead): running tasks stop with the scheduler and run again "
+                 "as their next attempt")
+        return
+    deadline = time.time() + drain_timeout
+    while runs:
+        if time.time() > deadline:
+            raise DeployError("%d runs still in flight after %s (nothing was changed)"
+                              % (len(runs), duration(drain_timeout)),
+                              "wait longer (--drain-timeout), or --go-ahead")
+        s.out.info("draining: %d runs in flight (%s) ..." % (len(runs), ", ".join(
+            "%s/%s" % (r["dag_id"], r["run_id"]) for r in runs[:3])))
+        time.sleep(15)
+        runs = runs_mod.in_flight(s)
+    s.out.ok("drained: no runs in flight")
+
+
+def _ask(question):
+    import sys
+
+    if not sys.stdin.isatty():
+        return ""
+    try:
+        return input(question).strip().lower()[:1]
+    except EOFError:
+        return ""
 
 
 def upgrade(new: Session, old: Session):

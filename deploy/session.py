@@ -48,6 +48,8 @@ class Session:
         self.archive_manifest = None
         self.keep_certificate = False   # restore: the backup's own certificate is in place
         self.always_smoke_test = False  # restore: prove the platform whatever the options say
+        self.resume = False             # restore: runs in flight and schedules go live at once
+        self.held = None                # restore: what it held back (deploy/runs.py)
         self.main = None                # worker: the main VM's session, and this worker's
         self.entry = None               # entry in its registry
 

@@ -212,6 +212,7 @@ def settings_env(o: Options, facts: dict) -> str:
     worker registry, state/workers.json)."""
     parallelism, parsing = sizing(o, facts["cores"], facts["memory_gb"])
     workers = facts.get("workers") or {}
+    user_slots = parallelism + sum(int(w.get("slots") or 0) for w in workers.values())
     s3_internal = {"seaweedfs": "seaweedfs:8333", "minio": "minio:9000"}[o.object_store]
     values = {
         "COMPOSE_PROJECT_NAME": o.project,
@@ -231,9 +232,10 @@ def settings_env(o: Options, facts: dict) -> str:
         "MFS_AIRFLOW_USERS": ",".join("%s:%s" % kv for kv in o.airflow.users.items()),
         "MFS_AIRFLOW_PARALLELISM": parallelism,
         # Airflow's limit on running tasks covers every machine: the worker
-        # VMs' slots add to the main VM's, or a worker adds no capacity.
-        "MFS_AIRFLOW_CORE_PARALLELISM": parallelism + sum(int(w.get("slots") or 0)
-                                                          for w in workers.values()),
+        # VMs' slots add to the main VM's, or a worker adds no capacity. Users'
+        # tasks get all of them (default_pool); one more is the smoke test's.
+        "MFS_AIRFLOW_DEFAULT_POOL_SLOTS": user_slots,
+        "MFS_AIRFLOW_CORE_PARALLELISM": user_slots + 1,
         "MFS_AIRFLOW_PARSING_PROCESSES": parsing,
         "MFS_DAGS_PAUSED_AT_CREATION": "True" if o.airflow.dags_paused_at_creation else "False",
         "MFS_LOG_RETENTION_DAYS": o.retention.task_logs_days,

@@ -28,6 +28,7 @@ def report(s: Session) -> bool:
     warnings = disk(s)
     s.out.step("backups")
     warnings += backups.report(s)
+    warnings += backups.held_warning(s)
     s.out.step("workers")
     warnings += workers.report(s)
     s.out.step("flows in the dags folder %s/dags (compiled by the flow-watcher)" % o.data_dir)

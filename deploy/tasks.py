@@ -231,14 +231,19 @@ def backup(c, to="", config=None, verbose=False):
 
 @task(help=dict(COMMON_HELP, archive_path="a backup made by fab backup (on this workstation)",
                 bundle=BUNDLE_HELP,
-                public_host="name or IP of the new VM for browsers and laptops (default: -H)"))
+                public_host="name or IP of the new VM for browsers and laptops (default: -H)",
+                resume="disaster recovery (the old VM is gone): schedules and the runs in "
+                       "flight at backup time go live at once, instead of after fab resume"))
 @boundary("restore")
-def restore(c, archive_path, bundle=None, public_host=None, config=None, verbose=False):
+def restore(c, archive_path, bundle=None, public_host=None, resume=False, config=None,
+            verbose=False):
     """Rebuild the platform from a backup on a fresh VM given with -H.
 
     Runs, artifacts, logs, DAGs, schedules, users and secrets come back;
     refuses a damaged archive or one newer than the images before changing
-    anything."""
+    anything. Every schedule stays paused and the runs in flight at backup
+    time do not go on until `fab resume` (or --resume): the old VM may still
+    be running them."""
     out = Out(verbose)
     path = Path(archive_path).expanduser()
     manifest = _checked_backup(out, path)
@@ -257,7 +262,16 @@ def restore(c, archive_path, bundle=None, public_host=None, config=None, verbose
     s = Session(Remote(c, out), o, out)
     s.use_bundle(bundle)
     s.archive, s.archive_manifest = path, manifest
+    s.resume = bool(resume)
     backups.restore(s)
+
+
+@task(help=COMMON_HELP)
+@boundary("resume")
+def resume(c, config=None, verbose=False):
+    """Go live after a restore: unpause the DAGs it paused; the runs in
+    flight at backup time go on."""
+    backups.resume(connect(c, "resume", verbose, config))
 
 
 def _checked_backup(out, path: Path) -> dict:
@@ -286,14 +300,21 @@ def _checked_backup(out, path: Path) -> dict:
 
 @task(iterable=["set"], help=dict(COMMON_HELP, **{
     "bundle": "archive made by `fab bundle` with the new images",
-    "set": "the new versions as KEY=VALUE, e.g. --set images.airflow=REF (repeatable)"}))
+    "set": "the new versions as KEY=VALUE, e.g. --set images.airflow=REF (repeatable)",
+    "drain": "runs in flight: wait until they finish (up to --drain-timeout seconds), then "
+             "upgrade",
+    "drain_timeout": "with --drain: give up (changing nothing) after this many seconds",
+    "go_ahead": "runs in flight: upgrade now; their running tasks are stopped and run again "
+                "as their next attempt after the upgrade"}))
 @boundary("upgrade")
-def upgrade(c, bundle=None, set=None, config=None, verbose=False):
+def upgrade(c, bundle=None, set=None, drain=False, drain_timeout=3600, go_ahead=False,
+            config=None, verbose=False):
     """Move the deployment to new image versions, safely.
 
     Backup first, then migrate, health check and smoke test; on any failure
     the previous images and database come back. Without --set: the versions
-    this checkout pins (RELEASES.md)."""
+    this checkout pins (RELEASES.md). With runs in flight it asks (or takes
+    --drain / --go-ahead) before changing anything."""
     old = connect(c, "upgrade", verbose, config)
     new_o = config_mod.from_description(config_mod.describe(old.o))
     for k, v in set_flags(set).items():
@@ -309,6 +330,7 @@ def upgrade(c, bundle=None, set=None, config=None, verbose=False):
         return
     for role, (a, b) in sorted(changes.items()):
         old.out.info("%-10s %s -> %s" % (role, a or "(none)", b))
+    backups.runs_in_flight_before_upgrade(old, drain, float(drain_timeout), go_ahead)
     new = Session(old.r, new_o, old.out)
     new.use_bundle(bundle)
     backups.upgrade(new, old)

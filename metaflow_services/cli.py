@@ -27,6 +27,7 @@ def main(argv=None):
     c.add_argument("--step-image", action="append", default=[], metavar="STEP=IMAGE",
                    help="Container image for one step (repeatable).")
     c.add_argument("--dag-id", help="Airflow DAG id (default: the flow name).")
+    c.add_argument("--pool", help="Airflow pool of every task (default: Airflow's default_pool).")
     c.add_argument("--json", action="store_true", help="Print a JSON summary.")
     c.set_defaults(func=cmd_compile)
 
@@ -88,6 +89,8 @@ def cmd_compile(args):
         cmd += ["--step-image", si]
     if args.dag_id:
         cmd += ["--dag-id", args.dag_id]
+    if args.pool:
+        cmd += ["--pool", args.pool]
     if args.json:
         cmd += ["--json"]
     # @pypi/@conda steps run in prebuilt images: let Metaflow's dependency

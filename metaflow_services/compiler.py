@@ -42,6 +42,7 @@ class CompileOptions:
     image: str | None = None
     step_images: list = field(default_factory=list)  # "STEP=IMAGE"
     dag_id: str | None = None
+    pool: str | None = None
 
 
 def create_dag(obj, out, options: CompileOptions, as_json=False):
@@ -131,6 +132,7 @@ def build_spec(obj, options: CompileOptions) -> dict:
         "config_value": config_value(flow),
         "schedule": schedule(flow_name, flow),
         "image": options.image,
+        "pool": options.pool,
         "start_step": graph.start_step,
         "end_step": graph.end_step,
         "steps": steps,

@@ -144,6 +144,8 @@ def _operator(spec, name, queues, group=None):
         kwargs["execution_timeout"] = datetime.timedelta(seconds=step["timeout_seconds"] + 2 * grace)
     if group is not None:
         kwargs["map_index_template"] = "{{ mfs_label }}"
+    if spec.get("pool"):
+        kwargs["pool"] = spec["pool"]
     return MetaflowStepOperator(
         task_id=name,
         mfs_spec=spec,

@@ -16,6 +16,10 @@ from .checks import AirflowClient, Check
 from .spec import run_id_for
 
 SMOKE_DAG_ID = "metaflow_services_smoke_test"
+# Its tasks' own pool, whose one slot Airflow's parallelism keeps free of user
+# work (default_pool holds the rest): the smoke test of a deploy, upgrade or
+# restore never waits behind a busy platform (compose/compose.yaml).
+SMOKE_POOL = "metaflow_services_smoke"
 SMOKE_FLOW = "MetaflowServicesSmokeTest"
 SMOKE_FLOW_SOURCE = '''\
 """Deployed by `fab deploy` to check the platform end to end: the run starts a
@@ -74,7 +78,7 @@ def _compile_flow(say, t0):
             f.write(SMOKE_FLOW_SOURCE)
         env = dict(os.environ, METAFLOW_USER=os.environ.get("METAFLOW_USER") or "smoke-test")
         proc = subprocess.run([sys.executable, "-m", "metaflow_services.cli", "compile", flow_file,
-                               "-o", dags, "--dag-id", SMOKE_DAG_ID],
+                               "-o", dags, "--dag-id", SMOKE_DAG_ID, "--pool", SMOKE_POOL],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             return Check("smoke-test", False, "compiling the hello flow failed: %s"
@@ -115,7 +119,7 @@ def _follow(client, airflow_run, timeout, say, t0):
     """The run's state and task instances once it ends or `timeout` passes,
     saying each change of its tasks' states."""
     deadline = time.time() + timeout
-    last = None
+    last, changed = None, time.time()
     while True:
         state = client.request("GET", "/api/v2/dags/%s/dagRuns/%s"
                                % (SMOKE_DAG_ID, airflow_run))["state"]
@@ -125,10 +129,26 @@ def _follow(client, airflow_run, timeout, say, t0):
                              for t in sorted(tis, key=lambda t: t["task_id"]))
         if progress != last:
             say("%3.0fs  %s" % (time.time() - t0, progress or state))
-            last = progress
+            last, changed = progress, time.time()
+        elif time.time() - changed > 20:
+            say("%3.0fs  %s" % (time.time() - t0, _waiting_for(client, state, tis)))
+            changed = time.time()
         if state in ("success", "failed") or time.time() > deadline:
             return state, tis
         time.sleep(3)
+
+
+def _waiting_for(client, state, tis):
+    """What the run waits for, said when nothing changed for a while."""
+    if any(t.get("state") == "running" for t in tis):
+        names = [t["task_id"] for t in tis if t.get("state") == "running"]
+        return "still running: %s (a step container starting or working)" % ", ".join(names)
+    running = client.request("GET", "/api/v2/dags/~/dagRuns/~/taskInstances",
+                             params={"state": "running", "limit": 1}).get("total_entries", 0)
+    pool = client.request("GET", "/api/v2/pools/%s" % SMOKE_POOL)
+    return ("run %s, waiting for its next task to start: %d tasks of the platform running; "
+            "its own pool %s has %s of %s slots free" % (state, running, SMOKE_POOL,
+                                                        pool.get("open_slots"), pool.get("slots")))
 
 
 def _check_metaflow_run(airflow_run, t0):

@@ -20,6 +20,8 @@ Spec, version 1 (all keys always present)::
     config_value      METAFLOW_FLOW_CONFIG_VALUE or None
     schedule          None | {cron (5-field), timezone, source}
     image             flow-level image override or None
+    pool              Airflow pool of every task, or None (default_pool; files
+                      written before this key existed lack it: read with .get)
     start_step, end_step
     steps             {name: {type, next, in, foreach_stack, foreach_param,
                        recursive, doc, max_user_code_retries, retries,

@@ -119,7 +119,11 @@ def test_airflow_services_share_one_configuration(full):
     env = envs[0]
     assert env["AIRFLOW__CORE__FERNET_KEY"] == secrets["MFS_AIRFLOW_FERNET_KEY"]
     assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
-    assert env["AIRFLOW__CORE__PARALLELISM"] == "4"     # a 2-core, 4 GB VM
+    # A 2-core, 4 GB VM: 4 slots for users' tasks, one more for the smoke test.
+    assert env["AIRFLOW__CORE__PARALLELISM"] == "5"
+    init = cfg["services"]["airflow-init"]["command"][0]
+    assert 'airflow pools set default_pool "4"' in init
+    assert "airflow pools set metaflow_services_smoke 1" in init
     assert env["AIRFLOW__API__WORKERS"] == "1"
     assert int(env["AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL"]) <= 30
     assert env["AIRFLOW__API__BASE_URL"] == "https://mfs.example.com"
@@ -289,9 +293,11 @@ def test_worker_vms_switch_the_main_vm_to_the_edge_executor(tmp_path, full):
     # A worker adds capacity: Airflow may run the main VM's slots plus the
     # worker's at once, while the main VM's own edge worker keeps its slots.
     main_slots = int(single["services"]["airflow-scheduler"]["environment"][
-        "AIRFLOW__CORE__PARALLELISM"])
+        "AIRFLOW__CORE__PARALLELISM"]) - 1   # the smoke test's slot aside
     sched = cfg["services"]["airflow-scheduler"]["environment"]
-    assert int(sched["AIRFLOW__CORE__PARALLELISM"]) == main_slots + VM1["slots"]
+    assert int(sched["AIRFLOW__CORE__PARALLELISM"]) == main_slots + VM1["slots"] + 1
+    assert 'default_pool "%d"' % (main_slots + VM1["slots"]) in \
+        cfg["services"]["airflow-init"]["command"][0]
     edge = cfg["services"]["edge-worker"]["command"]
     assert edge[edge.index("--concurrency") + 1] == str(main_slots)
     # Still only the proxy publishes ports: workers come in through it.

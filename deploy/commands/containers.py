@@ -171,3 +171,11 @@ def remove_network(project) -> str:
 def delete_data(volumes, folders) -> str:
     return "docker volume rm -f %s >/dev/null; rm -rf %s" % (
         " ".join(q(v) for v in volumes), " ".join(q(f) for f in folders))
+
+
+def airflow_sql(install_dir, sql) -> str:
+    """One SQL statement on Airflow's database, as the postgres superuser over
+    the server's local socket (works before Airflow starts, as in a restore).
+    Rows print one per line, columns separated by '|'."""
+    return compose(install_dir, "exec -T -e PGUSER=postgres postgres psql -X -A -t -F '|' "
+                                "-v ON_ERROR_STOP=1 -d airflow -c %s" % q(sql))

@@ -1,6 +1,9 @@
 """Keeping a deployment over time, on the deployed test stack: retention,
 `fab backup`, `fab upgrade` (to a new Airflow image, and a failed one that
 rolls back), and `fab restore` onto a new bare VM after the old one is gone.
+A busy platform (issue 18): a run is in flight during the backup (the restore
+holds it and every schedule back until `fab resume`, then it goes on) and
+during the upgrade (refused without a decision, then drained).
 
 Runs after test_deploy_stack*.py (file order) and ends with the VM replaced.
 The tests of this module run in order and share one backup.
@@ -12,6 +15,8 @@ import json
 import re
 import stat
 import textwrap
+import time
+from pathlib import Path
 from contextlib import contextmanager
 import pytest
 
@@ -24,6 +29,7 @@ from metaflow_services import backup as archive
 pytestmark = pytest.mark.deploy
 
 BACKUP_DIR = "/var/backups/metaflow-services"
+LONG_FLOW = Path(__file__).resolve().parents[1] / "flows" / "long_flow.py"
 NEXT, BROKEN = "mfs-airflow:test-next", "mfs-airflow:test-broken"
 
 
@@ -38,6 +44,44 @@ def stack(deployed, lab):
     if not (lab.vm.root / DATA_DIR.lstrip("/") / "dags" / FLOW.name).exists():
         drop_check_flow(lab)
     return lab
+
+
+def start_long_run(lab, seconds=75):
+    """A LongFlow run whose wait step is running (the flow dropped into the
+    dags folder first, if it is not there): its Airflow run id."""
+    from fabric import Connection
+
+    api, base = lab.airflow(), "https://%s/api/v2/dags/LongFlow" % VM_IP
+    if api.get(base, timeout=30).status_code != 200:
+        with Connection(VM_IP, user="deployer",
+                        connect_kwargs={"key_filename": str(lab.key)}) as c:
+            c.put(str(LONG_FLOW), "%s/dags/long_flow.py" % DATA_DIR)
+        wait_for(lambda: api.get(base, timeout=30).status_code == 200, 120, "LongFlow's DAG")
+    api.patch(base, json={"is_paused": False}, timeout=30).raise_for_status()
+    run_id = "long-%d" % (time.time() * 1000)
+    api.post(base + "/dagRuns", json={"logical_date": None, "dag_run_id": run_id,
+                                      "conf": {"seconds": seconds}}, timeout=30).raise_for_status()
+    wait_for(lambda: task_state(lab, "LongFlow", run_id, "wait") == "running", 300,
+             "LongFlow's wait step to run")
+    return run_id
+
+
+def task_state(lab, dag_id, run_id, task_id):
+    r = lab.airflow().get("https://%s/api/v2/dags/%s/dagRuns/%s/taskInstances/%s"
+                          % (VM_IP, dag_id, run_id, task_id), timeout=30)
+    return r.json().get("state") if r.status_code == 200 else None
+
+
+def run_state(lab, dag_id, run_id):
+    return lab.airflow().get("https://%s/api/v2/dags/%s/dagRuns/%s" % (VM_IP, dag_id, run_id),
+                             timeout=30).json()["state"]
+
+
+def wait_for(predicate, timeout, what, interval=3):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "%s: not within %d s" % (what, timeout)
+        time.sleep(interval)
 
 
 def airflow_snapshot(lab):
@@ -169,6 +213,8 @@ def test_a_backup_that_does_not_fit_writes_nothing(stack):
 
 def test_backup_writes_one_checked_archive_and_copies_it_here(stack, tmp_path_factory):
     lab = stack
+    # A run in flight while the backup is taken (the restore holds it back).
+    lab.results["in_flight"] = start_long_run(lab)
     lab.results["before_backup"] = airflow_snapshot(lab)
     lab.results["metaflow_runs"] = metadata_runs(lab)
     assert lab.results["metaflow_runs"] and ui_runs(lab) == lab.results["metaflow_runs"]
@@ -208,6 +254,9 @@ def test_backup_writes_one_checked_archive_and_copies_it_here(stack, tmp_path_fa
                             "'SELECT count(*) FROM dag_run'").strip())
     assert manifest["counts"]["dag_runs"] == in_db >= len(lab.results["before_backup"]["runs"])
     assert manifest["images"]["airflow"] == "mfs-airflow:test"
+    # Standard tar lists it without a warning per object (S3 metadata keywords).
+    listed = run(["tar", "-tf", str(local)])
+    assert listed.returncode == 0 and "Ignoring unknown" not in listed.stdout, listed.stdout[-500:]
     lab.results["backup"] = local
     res = lab.fab("status")
     assert on_vm[0] in res.output and "no backup on the VM yet" not in res.output
@@ -299,14 +348,34 @@ def airflow_images(lab):
             and c["state"] == "running"}
 
 
+def test_an_upgrade_with_a_run_in_flight_waits_for_a_decision(stack):
+    lab = stack
+    build_release_images(lab)
+    run_id = start_long_run(lab, seconds=60)
+    # No terminal to ask on, no --drain or --go-ahead: nothing changes.
+    with untouched(lab):
+        res = lab.fab("upgrade", "--set", "images.airflow=" + NEXT)
+    assert res.returncode == 1, str(res)
+    assert "1 runs in flight" in res.output and "LongFlow / %s (running" % run_id in res.output
+    assert "the upgrade waits for a decision" in res.output and "--drain" in res.output
+    assert "--go-ahead" in res.output
+    assert task_state(lab, "LongFlow", run_id, "wait") == "running"     # not touched
+    lab.results["drained_run"] = run_id
+
+
 def test_upgrade_to_a_new_airflow_build(stack):
     lab = stack
     build_release_images(lab)
-    with _timed("fab upgrade (Airflow image)"):
-        res = lab.fab("upgrade", "--set", "images.airflow=" + NEXT)
+    # --drain: the run in flight (previous test) finishes before anything changes.
+    with _timed("fab upgrade --drain (Airflow image)"):
+        res = lab.fab("upgrade", "--set", "images.airflow=" + NEXT, "--drain")
     (CACHE / "upgrade.log").write_text(str(res))
     assert res.returncode == 0, str(res)
     out = res.output
+    if "drained_run" in lab.results:
+        assert "draining: 1 runs in flight" in out and "drained: no runs in flight" in out
+        assert out.index("drained") < out.index("backup before the upgrade")
+        assert run_state(lab, "LongFlow", lab.results["drained_run"]) == "success"
     assert re.search(r"airflow +mfs-airflow:test -> %s" % NEXT, out)
     assert "backup before the upgrade" in out and "smoke test" in out
     assert len(lab.sh("ls %s" % BACKUP_DIR).split()) == 2        # one more, taken first
@@ -320,7 +389,7 @@ def test_upgrade_to_a_new_airflow_build(stack):
 def test_a_failed_upgrade_rolls_back_images_and_database(stack):
     lab = stack
     with _timed("fab upgrade, failed and rolled back"):
-        res = lab.fab("upgrade", "--set", "images.airflow=" + BROKEN)
+        res = lab.fab("upgrade", "--set", "images.airflow=" + BROKEN, "--go-ahead")
     (CACHE / "upgrade-rollback.log").write_text(str(res))
     assert res.returncode == 1, str(res)
     out = res.output
@@ -364,9 +433,33 @@ def test_restore_onto_a_new_bare_vm(stack):
     assert "ok   smoke-test" in out
     lab.wait_healthy(timeout=120)
 
+    # Held back: every schedule paused, the run in flight at backup time named
+    # and not going on, until `fab resume`.
+    held_run = lab.results["in_flight"]
+    assert "runs in flight at backup time" in out and "LongFlow / %s" % held_run in out
+    assert "held back:" in out and "fab -H deployer@%s resume" % VM_IP in out
+    held = airflow_snapshot(lab)
+    for dag_id, (schedule, paused) in before["dags"].items():
+        want = paused if dag_id == "metaflow_services_smoke_test" else True
+        assert held["dags"].get(dag_id) == (schedule, want), dag_id
+    assert held["runs"][("LongFlow", held_run)] == "running"
+    time.sleep(15)
+    assert task_state(lab, "LongFlow", held_run, "wait") in (None, "none", "scheduled")
+    status = lab.fab("status")
+    assert "fab -H deployer@%s resume" % VM_IP in status.output, str(status)
+    res = lab.fab("resume")
+    assert res.returncode == 0, str(res)
+    assert "unpaused LongFlow" in res.output and "unpaused DeployCheckFlow" in res.output
+    # Live: the held run goes on (its cut-off task runs again) and succeeds.
+    wait_for(lambda: run_state(lab, "LongFlow", held_run) == "success", 400,
+             "the held run to finish after fab resume")
+    again = lab.fab("resume")
+    assert again.returncode == 0 and "nothing held back" in again.output
+
     after = airflow_snapshot(lab)
     for dag_id, (schedule, paused) in before["dags"].items():
         assert after["dags"].get(dag_id) == (schedule, paused), dag_id
+    before["runs"][("LongFlow", held_run)] = "success"
     missing = {k: v for k, v in before["runs"].items() if after["runs"].get(k) != v}
     assert not missing, missing
     assert after["join_log"] == before["join_log"]

@@ -36,10 +36,12 @@ def airflow3(obj):
 @click.option("--dag-id", default=None,
               help="Airflow DAG id. Default: the flow name, or "
                    "project.branch.FlowName under @project.")
+@click.option("--pool", default=None,
+              help="Airflow pool every task of the DAG runs in (default: default_pool).")
 @click.option("--json", "as_json", is_flag=True, default=False,
               help="Print a JSON summary of the compiled DAG on stdout.")
 @click.pass_obj
-def create(obj, out, tags=None, image=None, step_images=None, dag_id=None,
+def create(obj, out, tags=None, image=None, step_images=None, dag_id=None, pool=None,
            as_json=False):
     import sys
 
@@ -50,6 +52,7 @@ def create(obj, out, tags=None, image=None, step_images=None, dag_id=None,
         image=image,
         step_images=list(step_images or ()),
         dag_id=dag_id,
+        pool=pool,
     )
     try:
         create_dag(obj, out, options, as_json=as_json)
