@@ -348,6 +348,30 @@ def airflow_images(lab):
             and c["state"] == "running"}
 
 
+def test_the_smoke_test_does_not_wait_behind_a_busy_platform(stack):
+    """Every slot users' tasks may take is busy; a deploy's smoke test still
+    runs at once, in the slot kept for it."""
+    lab = stack
+    settings = lab.sh("cat %s/settings.env" % INSTALL_DIR)
+    slots = int(re.search(r"^MFS_AIRFLOW_DEFAULT_POOL_SLOTS=(\d+)$", settings, re.M).group(1))
+    busy = [start_long_run(lab, seconds=400) for _ in range(slots)]
+    api = lab.airflow()
+    pool = api.get("https://%s/api/v2/pools/default_pool" % VM_IP, timeout=30).json()
+    assert pool["open_slots"] == 0, pool
+    try:
+        with _timed("smoke test with every user slot busy"):
+            res = lab.deploy("--smoke-test", "always")
+        assert res.returncode == 0, str(res)
+        assert "ok   smoke-test" in res.output
+        assert all(task_state(lab, "LongFlow", r, "wait") == "running" for r in busy)
+    finally:
+        for r in busy:
+            api.patch("https://%s/api/v2/dags/LongFlow/dagRuns/%s" % (VM_IP, r),
+                      json={"state": "failed"}, timeout=30)
+    wait_for(lambda: api.get("https://%s/api/v2/pools/default_pool" % VM_IP, timeout=30)
+             .json()["open_slots"] == slots, 180, "the busy runs' slots to free up")
+
+
 def test_an_upgrade_with_a_run_in_flight_waits_for_a_decision(stack):
     lab = stack
     build_release_images(lab)
