@@ -7,8 +7,9 @@
     fab -H root@vm.example.com tunnel          # the UIs, metadata API and S3 on localhost
     fab -H root@vm.example.com images | prune-images   # step environment images
     fab -H root@vm.example.com backup --to backups/    # everything, into one archive
-    fab -H root@new-vm restore backups/ARCHIVE.tar     # onto a fresh VM
-    fab -H root@vm.example.com upgrade [--set images.airflow=REF]  # backup, migrate, or roll back
+    fab -H root@new-vm restore backups/ARCHIVE.tar     # onto a fresh VM, schedules held back
+    fab -H root@new-vm resume                          # go live after a restore
+    fab -H root@vm.example.com upgrade [--set images.airflow=REF] [--drain]  # backup, migrate, or roll back
     fab -H root@worker add-worker --main root@vm.example.com [--queue gpu]   # a worker VM
     fab -H root@worker remove-worker --main root@vm.example.com            # drain, remove it
     fab bundle --output stack.tar              # images for VMs without registry access
@@ -19,9 +20,9 @@ docs/deploy.md is the manual.
 """
 
 from deploy.tasks import (add_worker, backup, bundle, client_config, deploy, destroy, images, logs,
-                          prune_images, push_flows, remove_worker, restore, secrets, start, status,
-                          stop, tunnel, unlock, upgrade)
+                          prune_images, push_flows, remove_worker, restore, resume, secrets, start,
+                          status, stop, tunnel, unlock, upgrade)
 
 __all__ = ["add_worker", "backup", "bundle", "client_config", "deploy", "destroy", "images",
-           "logs", "prune_images", "push_flows", "remove_worker", "restore", "secrets", "start",
-           "status", "stop", "tunnel", "unlock", "upgrade"]
+           "logs", "prune_images", "push_flows", "remove_worker", "restore", "resume", "secrets",
+           "start", "status", "stop", "tunnel", "unlock", "upgrade"]
