@@ -167,7 +167,7 @@ def hold_runs(s: Session):
                  "backup caught running run again as their next attempt): make sure the old "
                  "VM is gone, or they run twice" % (len(runs), n))
         return
-    s.held = runs_mod.hold(s)
+    s.held = runs_mod.hold(s, runs)
     s.out.ok("held back: %d active DAGs paused, so no schedule fires and the %d runs in flight "
              "do not go on; %d tasks the backup caught running will run again as their next "
              "attempt once you go live: fab -H %s resume"

@@ -19,7 +19,8 @@ from . import commands as cmd
 from .session import Session, duration
 
 HELD_FILE = "state/held-by-restore.json"
-IN_FLIGHT_STATES = ("running", "queued")
+# Users' DAGs only: the deploy's own smoke test is never held or waited for.
+USERS = "dag_id <> '%s'" % SMOKE_DAG_ID
 
 
 def _rows(s: Session, sql, what):
@@ -31,8 +32,8 @@ def in_flight(s: Session) -> list:
     """[{dag_id, run_id, state, started}] of the DAG runs not finished (the
     deploy's own smoke test aside), oldest first."""
     rows = _rows(s, "SELECT dag_id, run_id, state, COALESCE(EXTRACT(EPOCH FROM start_date), 0) "
-                    "FROM dag_run WHERE state IN ('running', 'queued') AND dag_id <> '%s' "
-                    "ORDER BY start_date NULLS LAST, id" % SMOKE_DAG_ID,
+                    "FROM dag_run WHERE state IN ('running', 'queued') AND %s "
+                    "ORDER BY start_date NULLS LAST, id" % USERS,
                  "listing the runs in flight")
     return [{"dag_id": d, "run_id": r, "state": st, "started": float(t or 0)}
             for d, r, st, t in rows]
@@ -45,18 +46,17 @@ def describe(runs, now=None) -> list:
                                 if r["started"] else "") for r in runs]
 
 
-def hold(s: Session) -> dict:
+def hold(s: Session, runs: list) -> dict:
     """A restored database before the scheduler starts: every active DAG
-    paused, so no schedule fires and no run in flight at backup time resumes
-    (their tasks stay as the backup had them). Returns what was held, also
-    written to HELD_FILE for `fab resume`."""
-    runs = in_flight(s)
+    paused, so no schedule fires and none of *runs* (in flight at backup
+    time) goes on. Returns what was held, also written to HELD_FILE for `fab
+    resume`."""
     active = [row[0] for row in _rows(
-        s, "SELECT dag_id FROM dag WHERE NOT is_paused AND dag_id <> '%s' ORDER BY dag_id"
-        % SMOKE_DAG_ID, "listing the active DAGs")]
+        s, "SELECT dag_id FROM dag WHERE NOT is_paused AND %s ORDER BY dag_id" % USERS,
+        "listing the active DAGs")]
     if active:
         s.r.run(cmd.airflow_sql(s.dir, "UPDATE dag SET is_paused = true WHERE NOT is_paused "
-                                       "AND dag_id <> '%s'" % SMOKE_DAG_ID),
+                                       "AND %s" % USERS),
                 what="pausing the restored DAGs")
     held = {"held_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "paused_dags": active, "runs_in_flight": runs, "tasks_reset": reset_cut_off(s)}
@@ -72,8 +72,8 @@ def reset_cut_off(s: Session) -> int:
     and count a failure. Returns how many."""
     out = s.r.stdout(cmd.airflow_sql(
         s.dir, "WITH reset AS (UPDATE task_instance SET state = NULL WHERE state IN "
-               "('running', 'queued', 'scheduled', 'restarting') AND dag_id <> '%s' RETURNING 1) "
-               "SELECT count(*) FROM reset" % SMOKE_DAG_ID),
+               "('running', 'queued', 'scheduled', 'restarting') AND %s RETURNING 1) "
+               "SELECT count(*) FROM reset" % USERS),
         what="resetting the tasks the backup caught running")
     return int((out.strip().splitlines() or ["0"])[-1])
 

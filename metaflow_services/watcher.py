@@ -92,7 +92,6 @@ class Watcher:
     heartbeat: Path | None = None      # touched after every scan (healthcheck)
     state: dict = field(default_factory=dict)   # rel path -> FlowState
     _pending: dict = field(default_factory=dict)  # rel path -> (digest, first seen unchanged at)
-    _is_flow: dict = field(default_factory=dict)  # path -> ((mtime_ns, size), Kind)
 
     def __post_init__(self):
         self.flows = Path(self.flows)
@@ -138,7 +137,7 @@ class Watcher:
             if now - pending[1] < self.settle:
                 continue
             self._pending.pop(rel, None)
-            problem = self._is_flow[self.flows / rel][1].problem
+            problem = kind_of(self.flows / rel).problem
             done.append(self._refuse(rel, digest, problem) if problem
                         else self._compile(rel, digest))
         return done
@@ -155,25 +154,12 @@ class Watcher:
                 if not name.endswith(".py") or name.startswith("."):
                     continue
                 path = Path(dirpath) / name
-                if not self._kind(path).is_flow:
+                if not kind_of(path).is_flow:
                     continue
                 if dirpath not in folder_digests:
                     folder_digests[dirpath] = _folder_digest(Path(dirpath))
                 flows[str(path.relative_to(self.flows))] = folder_digests[dirpath]
         return flows
-
-    def _kind(self, path) -> "Kind":
-        # Idle cost: a stat per file; a file is read and parsed only when it changed.
-        try:
-            st = path.stat()
-        except OSError:
-            return Kind(False)
-        key = (st.st_mtime_ns, st.st_size)
-        cached = self._is_flow.get(path)
-        if cached is None or cached[0] != key:
-            cached = (key, classify(path))
-            self._is_flow[path] = cached
-        return cached[1]
 
     # -- compiling --------------------------------------------------------------
 
@@ -373,24 +359,30 @@ def might_contain_dag(file_path: str, zip_file=None) -> bool:
     from airflow.utils.file import might_contain_dag_via_default_heuristic
 
     if zip_file is None and file_path.endswith(".py"):
-        try:
-            st = os.stat(file_path)
-        except OSError:
-            return False
-        # The dag-processor asks about every file on every listing (10 s):
-        # a file is read again only when it changed.
-        key = (file_path, st.st_mtime_ns, st.st_size)
-        kind = _KINDS.get(key)
-        if kind is None:
-            if len(_KINDS) > 10000:
-                _KINDS.clear()
-            kind = _KINDS[key] = classify(Path(file_path))
+        kind = kind_of(Path(file_path))
         if kind.is_flow and not kind.imports_airflow:
             return False
     return might_contain_dag_via_default_heuristic(file_path, zip_file=zip_file)
 
 
-_KINDS: dict = {}
+_KINDS: dict = {}   # path -> ((mtime_ns, size), Kind)
+
+
+def kind_of(path: Path) -> Kind:
+    """classify(), read again only when the file changed: the watcher scans
+    every second and the dag-processor asks about every file on every listing,
+    so the idle cost is a stat per file."""
+    try:
+        st = path.stat()
+    except OSError:
+        return Kind(False)
+    key = (st.st_mtime_ns, st.st_size)
+    cached = _KINDS.get(path)
+    if cached is None or cached[0] != key:
+        if len(_KINDS) > 100000:
+            _KINDS.clear()
+        cached = _KINDS[path] = (key, classify(path))
+    return cached[1]
 
 
 def duplicate_message(rel, holder, summary) -> str:
