@@ -25,7 +25,7 @@ from pathlib import Path
 
 from metaflow_services import __version__
 
-from . import stack
+from . import stack, wheels
 from .config import Options
 from .remote import DeployError
 
@@ -69,9 +69,13 @@ def build_locally(role, ref, o: Options, out):
         arg = "AIRFLOW_BASE" if role == "airflow" else "STEP_BASE"
         if role == "airflow":
             build_wheel(ctx / "wheels")
+        if o.packages.ca_bundle:
+            shutil.copy(Path(o.packages.ca_bundle).expanduser(), ctx / "ca.pem")
+        args = {arg: stack.base_image(role, o), **stack.build_args(o)}
         out.info("building %s (from %s; several minutes) ..." % (ref, stack.base_image(role, o)))
-        r = _docker("build", "-q", "-t", ref, "--build-arg",
-                    "%s=%s" % (arg, stack.base_image(role, o)), str(ctx), check=False)
+        r = _docker("build", "-q", "-t", ref,
+                    *[x for kv in sorted(args.items()) for x in ("--build-arg", "%s=%s" % kv)],
+                    str(ctx), check=False)
         if r.returncode != 0:
             raise DeployError("building %s failed: %s" % (ref, (r.stderr or r.stdout)[-500:]),
                               "check that this workstation can pull %s" % stack.base_image(role, o))
@@ -79,7 +83,9 @@ def build_locally(role, ref, o: Options, out):
         shutil.rmtree(ctx, ignore_errors=True)
 
 
-def make(o: Options, output: Path, out) -> dict:
+def make(o: Options, output: Path, out, flows: Path | None = None) -> dict:
+    if flows is not None:
+        wheels.flow_files(flows)   # a wrong folder stops before minutes of image work
     images = stack.images(o)
     out.step("images for %s, %s object store, Metaflow services %s"
              % (", ".join(sorted(images)), o.object_store, "on" if o.metaflow_services else "off"))
@@ -113,23 +119,33 @@ def make(o: Options, output: Path, out) -> dict:
                            shell=True, executable="/bin/bash", stderr=subprocess.PIPE, text=True)
         if r.returncode != 0:
             raise DeployError("docker save failed: %s" % r.stderr.strip()[-300:])
+        members = ["manifest.json", "SHA256SUMS", "images.tar.gz"]
+        house = None
+        if flows is not None:
+            house = wheels.make_wheelhouse(o, images["step"], flows, work, out)
+            house["sha256"] = sha256_of(work / wheels.MEMBER)
+            members.append(wheels.MEMBER)
         manifest = {"format": FORMAT, "metaflow_services": __version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "options": {"object_store": o.object_store,
                                 "metaflow_services": o.metaflow_services,
                                 "executor": o.executor},
                     "images": entries}
+        if house:
+            manifest["wheelhouse"] = house
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        sums = ["%s  %s" % (sha256_of(work / n), n) for n in ("manifest.json", "images.tar.gz")]
+        sums = ["%s  %s" % (sha256_of(work / n), n) for n in members if n != "SHA256SUMS"]
         (work / "SHA256SUMS").write_text("\n".join(sums) + "\n")
         tmp = output.with_name(output.name + ".tmp")
         with tarfile.open(tmp, "w") as tar:
-            for name in ("manifest.json", "SHA256SUMS", "images.tar.gz"):
+            for name in members:
                 tar.add(work / name, arcname=name)
         os.replace(tmp, output)
         size = output.stat().st_size
-        out.ok("%s: %d images, %.0f MB, %.0fs" % (output, len(entries), size / 1e6,
-                                                  time.time() - t0))
+        out.ok("%s: %d images%s, %.0f MB, %.0fs"
+               % (output, len(entries), ", %d wheels for %d environment(s)"
+                  % (house["wheels"], house["environments"]) if house else "", size / 1e6,
+                  time.time() - t0))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return manifest

@@ -113,6 +113,18 @@ class Install:
 
 
 @dataclass
+class Packages:
+    index_url: str = _doc("package index of step environment images (@pypi, @conda, "
+                          "requirements.txt) and of image builds; empty: PyPI", default="")
+    extra_index_url: str = _doc("a second index pip also searches", default="")
+    trusted_hosts: str = _doc("hosts pip reaches without checking TLS (comma-separated); "
+                              "prefer ca_bundle", default="")
+    ca_bundle: str = _doc("PEM file on this workstation: the CA of your index or of a "
+                          "TLS-inspecting proxy; every image build on the VMs trusts it",
+                          default="")
+
+
+@dataclass
 class Preflight:
     min_memory_gb: float = _doc("refuse VMs with less memory", default=3.5)
     min_disk_gb: float = _doc("refuse VMs with less free disk for Docker", default=20.0)
@@ -145,6 +157,7 @@ class Options:
     backup: Backup = field(default_factory=Backup)
     images: Images = field(default_factory=Images)
     install: Install = field(default_factory=Install)
+    packages: Packages = field(default_factory=Packages)
     preflight: Preflight = field(default_factory=Preflight)
 
     # -- derived ------------------------------------------------------------

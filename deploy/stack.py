@@ -251,6 +251,7 @@ def settings_env(o: Options, facts: dict) -> str:
         "MFS_DOCKER_GID": facts["docker_gid"],
         "MFS_PROXY_CONFIG_SHA": proxy_config_sha(),
         "MFS_TLS_SHA": facts["tls_sha"],
+        **packages_env(o),
     }
     if workers:
         values.update({
@@ -272,6 +273,22 @@ def settings_env(o: Options, facts: dict) -> str:
              "# change the deploy options and run fab deploy. The secrets follow."]
     lines += ["%s=%s" % (k, v) for k, v in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def packages_env(o: Options) -> dict:
+    """Where environment image builds get packages (metaflow_services/images.py
+    reads these; the CA and the wheelhouse are files in install_dir/packages,
+    deploy/packages.py)."""
+    p = o.packages
+    return {"MFS_PIP_INDEX_URL": p.index_url, "MFS_PIP_EXTRA_INDEX_URL": p.extra_index_url,
+            "MFS_PIP_TRUSTED_HOST": ",".join(filter(None, re.split(r"[\s,]+", p.trusted_hosts)))}
+
+
+def build_args(o: Options) -> dict:
+    """The packages.* options of the stack's own image builds
+    (compose/airflow, compose/step); empty ones are left out."""
+    env = packages_env(o)
+    return {k: env[k] for k in ("MFS_PIP_INDEX_URL", "MFS_PIP_TRUSTED_HOST") if env[k]}
 
 
 # ---------------------------------------------------------------------------
@@ -326,6 +343,7 @@ def worker_env(o: Options, main: dict, secrets: dict, worker: dict, images: dict
         "MFS_AIRFLOW_JWT_SECRET": secrets["MFS_AIRFLOW_JWT_SECRET"],
         "MFS_S3_ACCESS_KEY": secrets["MFS_S3_ACCESS_KEY"],
         "MFS_S3_SECRET_KEY": secrets["MFS_S3_SECRET_KEY"],
+        **packages_env(o),
     }
     if main["metaflow_services"]:
         values["MFS_METAFLOW_API_KEY"] = secrets["MFS_METAFLOW_API_KEY"]

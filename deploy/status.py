@@ -7,6 +7,7 @@ from . import backups
 from . import commands as cmd
 from . import flows as flows_mod
 from . import health
+from . import packages
 from . import workers
 from .session import DOCKER_ROOT, Session
 
@@ -31,6 +32,8 @@ def report(s: Session) -> bool:
     warnings += backups.held_warning(s)
     s.out.step("workers")
     warnings += workers.report(s)
+    s.out.step("packages of step environments (@pypi, @conda)")
+    warnings += packages.report(s)
     s.out.step("flows in the dags folder %s/dags (compiled by the flow-watcher)" % o.data_dir)
     flows = flows_mod.read_state(s.r, o.data_dir)
     if flows:

@@ -21,6 +21,7 @@ from . import bundle as bundle_mod
 from . import commands as cmd
 from . import config as config_mod
 from . import health
+from . import packages as packages_mod
 from . import stack, validation
 from .remote import DeployError
 from .session import DATA_GROUP, DOCKER_ROOT, Session, duration, local_user, version_tuple
@@ -377,7 +378,8 @@ def _build_on_vm(s: Session, role, ref):
                     what="uploading the project's wheel")
     s.out.info("building %s on the VM (from %s; several minutes) ..." % (ref, base))
     arg = "AIRFLOW_BASE" if role == "airflow" else "STEP_BASE"
-    s.r.run(cmd.build(s.dir, stack.BUILT[role], ref, {arg: base}),
+    s.r.run(cmd.build(s.dir, stack.BUILT[role], ref, {arg: base, **stack.build_args(s.o)},
+                      ca=s.dir + "/packages/ca.pem" if s.o.packages.ca_bundle else None),
             what="building %s" % ref, timeout=3600)
     s.out.ok("%s built in %s" % (ref, duration(time.time() - t0)))
 
@@ -482,7 +484,8 @@ def summary(s: Session):
 
 
 # Everything up to the images: no service is (re)started yet.
-PREPARE = [install_docker, upload_stack, ensure_secrets, certificate, configure, images]
+PREPARE = [install_docker, upload_stack, ensure_secrets, certificate, configure, packages_mod.install,
+           images]
 # The new configuration goes live and is proven.
 GO_LIVE = [dags_folder, start, health.wait_healthy, health.check_proxy, health.bucket, health.smoke_test,
            record]

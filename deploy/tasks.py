@@ -139,14 +139,20 @@ def secrets(c, show=False, name="", config=None, verbose=False):
 
 @task(iterable=["set"], help=dict(COMMON_HELP, output="the archive to write (default: "
                                                       "metaflow-services-bundle.tar)",
+                                   flows="also the wheels of the @pypi/@conda/requirements.txt "
+                                         "environments of the flows in this folder (VMs "
+                                         "without a package index)",
                                    set="any option as KEY=VALUE (repeatable)"))
 @boundary("bundle")
-def bundle(c, output="metaflow-services-bundle.tar", config=None, verbose=False, set=None):
-    """Save every image the stack needs (for these options) into one archive."""
+def bundle(c, output="metaflow-services-bundle.tar", flows="", config=None, verbose=False,
+           set=None):
+    """Save every image the stack needs (for these options) into one archive;
+    with --flows DIR also the wheels of those flows' step environments."""
     out = Out(verbose)
     o = config_mod.load(config, set_flags(set), host=getattr(c, "host", None) or "localhost")
-    bundle_mod.make(o, Path(output), out)
-    out.stream.write("Deploy with: fab -H HOST deploy --bundle %s\n" % output)
+    bundle_mod.make(o, Path(output), out, flows=Path(flows).expanduser() if flows else None)
+    out.stream.write("Deploy with: fab -H HOST deploy --bundle %s (workers: fab -H WORKER "
+                     "add-worker --main HOST --bundle %s)\n" % (output, output))
 
 
 @task(help=COMMON_HELP)

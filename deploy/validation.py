@@ -157,6 +157,30 @@ def _check_sources(o, fail):
         value = getattr(o.install, key)
         if value and not _URL_RE.match(value):
             fail("install.%s" % key, "expected an http(s) URL, found %r" % value)
+    _check_packages(o.packages, fail)
+
+
+def _check_packages(p, fail):
+    for key in ("index_url", "extra_index_url"):
+        value = getattr(p, key)
+        if value and not _URL_RE.match(value):
+            fail("packages.%s" % key, "expected the http(s) URL of a package index (like "
+                 "https://pypi.example.com/simple), found %r" % value)
+    for host in filter(None, re.split(r"[\s,]+", p.trusted_hosts)):
+        if not re.match(r"^[A-Za-z0-9.-]+(:[0-9]+)?$", host):
+            fail("packages.trusted_hosts", "expected host names (host or host:port, "
+                 "comma-separated), found %r" % host)
+    if p.ca_bundle:
+        path = Path(p.ca_bundle).expanduser()
+        if not path.is_file():
+            fail("packages.ca_bundle", "no such file on this workstation: %s" % p.ca_bundle)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            fail("packages.ca_bundle", "cannot read %s: %s" % (p.ca_bundle, e))
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            fail("packages.ca_bundle", "%s holds no PEM certificate (-----BEGIN "
+                 "CERTIFICATE-----); give the CA's certificate in PEM form" % p.ca_bundle)
 
 
 _SCHEDULE_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")

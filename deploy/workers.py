@@ -31,6 +31,7 @@ from fabric import Connection
 
 from . import commands as cmd
 from . import health
+from . import packages
 from . import stack
 from . import steps
 from .remote import DeployError, Out, Remote, translate
@@ -122,8 +123,8 @@ def configure_worker(w: Session):
              % (res, w.entry["name"], ",".join(w.entry["queues"]), w.entry["slots"]))
 
 
-WORKER = [steps.install_docker, steps.upload_stack, configure_worker, steps.images, steps.start,
-          health.wait_healthy]
+WORKER = [steps.install_docker, steps.upload_stack, configure_worker, packages.install,
+          steps.images, steps.start, health.wait_healthy]
 
 
 # ---------------------------------------------------------------------------

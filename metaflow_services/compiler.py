@@ -83,6 +83,21 @@ def create_dag(obj, out, options: CompileOptions, as_json=False):
     return summary
 
 
+def flow_environments(obj) -> dict:
+    """The distinct step environments of the flow, with the steps using
+    each (``airflow3 environments``: what `fab bundle --flows` downloads)."""
+    flow_name, graph = obj.flow.name, obj.graph
+    requirements = read_requirements(flow_name, os.path.dirname(os.path.abspath(sys.argv[0])))
+    envs = {}
+    for name in _topological(graph):
+        env = step_spec(flow_name, graph, graph[name], requirements)["environment"]
+        if env:
+            key = json.dumps([env["packages"], env["python"]])
+            envs.setdefault(key, dict(env, steps=[]))["steps"].append(name)
+    return {"flow": flow_name, "file": os.path.basename(sys.argv[0]),
+            "environments": list(envs.values())}
+
+
 def say(msg):
     # click directly, not Metaflow's echo: its *bold* markup eats the
     # asterisks of cron expressions.

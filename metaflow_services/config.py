@@ -50,6 +50,7 @@ class Settings:
     pip_extra_index_url: str | None = None
     pip_trusted_host: str | None = None
     pip_cert: str | None = None
+    pip_wheelhouse: str | None = None
     lock_dir: str = "/tmp/metaflow-services-locks"
     state_dir: str = "/tmp/metaflow-services-state"
 
@@ -83,6 +84,7 @@ class Settings:
             pip_extra_index_url=env.get("MFS_PIP_EXTRA_INDEX_URL") or None,
             pip_trusted_host=env.get("MFS_PIP_TRUSTED_HOST") or None,
             pip_cert=env.get("MFS_PIP_CERT") or None,
+            pip_wheelhouse=env.get("MFS_PIP_WHEELHOUSE") or None,
             lock_dir=env.get("MFS_LOCK_DIR") or "/tmp/metaflow-services-locks",
             state_dir=env.get("MFS_STATE_DIR") or "/tmp/metaflow-services-state",
         )

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .config import Settings
+from . import wheelhouse
 from .errors import ServicesError
 
 IMAGE_REPO = "metaflow-services/env"
@@ -44,16 +45,38 @@ def environment_tag(base_image: str, environment: dict) -> str:
     return "%s:%s" % (IMAGE_REPO, hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
-def dockerfile(base_image, environment, settings: Settings, with_cert: bool) -> str:
+WHEELS_IN_BUILD = "/tmp/mfs-wheelhouse"
+
+
+def pip_sources(settings: Settings, wheels: bool) -> list:
+    """pip's options for where packages come from. With a wheelhouse and no
+    index configured the build is offline: the wheelhouse only."""
+    args = []
+    if wheels:
+        args += ["--find-links", WHEELS_IN_BUILD]
+        if not settings.pip_index_url:
+            return args + ["--no-index"]
+    if settings.pip_index_url:
+        args += ["--index-url", settings.pip_index_url]
+    if settings.pip_extra_index_url:
+        args += ["--extra-index-url", settings.pip_extra_index_url]
+    for host in re.split(r"[\s,]+", settings.pip_trusted_host or ""):
+        if host:
+            args += ["--trusted-host", host]
+    # Fewer retries than pip's 5: an index that is unreachable or untrusted
+    # says so within a minute, with the hint below, instead of after minutes.
+    return args + ["--retries", "2"]
+
+
+def offline(settings: Settings, wheels) -> bool:
+    return bool(wheels) and not settings.pip_index_url
+
+
+def dockerfile(base_image, environment, settings: Settings, with_cert: bool,
+               wheels=None) -> str:
     python = settings.python
     pip = [python, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
-           "--no-input", "--progress-bar", "off"]
-    if settings.pip_index_url:
-        pip += ["--index-url", settings.pip_index_url]
-    if settings.pip_extra_index_url:
-        pip += ["--extra-index-url", settings.pip_extra_index_url]
-    if settings.pip_trusted_host:
-        pip += ["--trusted-host", settings.pip_trusted_host]
+           "--no-input", "--progress-bar", "off"] + pip_sources(settings, bool(wheels))
     if with_cert:
         pip += ["--cert", "/etc/metaflow-services/pip-ca.crt"]
     pip += ["-r", "/etc/metaflow-services/requirements.txt"]
@@ -73,18 +96,23 @@ def dockerfile(base_image, environment, settings: Settings, with_cert: bool) -> 
     ]
     if with_cert:
         lines.append("COPY pip-ca.crt /etc/metaflow-services/pip-ca.crt")
+    cleanup = ""
+    if wheels:
+        # Not kept in the image: the wheels are installed, the files go.
+        lines.append("COPY wheelhouse/ %s/" % WHEELS_IN_BUILD)
+        cleanup = " && rm -rf %s" % WHEELS_IN_BUILD
     lines += [
-        "RUN %s%s && %s -m pip list --format=json > %s" % (
-            check, " ".join(pip), python, RESOLVED_PATH),
+        "RUN %s%s && %s -m pip list --format=json > %s%s" % (
+            check, " ".join(pip), python, RESOLVED_PATH, cleanup),
         "LABEL %s=%s" % (LABEL, json.dumps(environment_tag(base_image, environment))),
     ]
     return "\n".join(lines) + "\n"
 
 
-def _context(base_image, environment, settings) -> io.BytesIO:
+def _context(base_image, environment, settings, wheels=None) -> io.BytesIO:
     cert = settings.pip_cert if settings.pip_cert and os.path.isfile(settings.pip_cert) else None
     files = {
-        "Dockerfile": dockerfile(base_image, environment, settings, bool(cert)),
+        "Dockerfile": dockerfile(base_image, environment, settings, bool(cert), wheels),
         "requirements.txt": "\n".join(environment["packages"]) + "\n",
         "environment-spec.json": json.dumps(dict(environment, base_image=base_image), indent=1),
     }
@@ -98,8 +126,27 @@ def _context(base_image, environment, settings) -> io.BytesIO:
             info.size = len(data)
             info.mtime = 0
             tar.addfile(info, io.BytesIO(data))
+        for name in wheels or ():
+            tar.add(os.path.join(settings.pip_wheelhouse, name), arcname="wheelhouse/" + name)
     buf.seek(0)
     return buf
+
+
+def _wheels(settings: Settings, environment) -> list | None:
+    """The wheelhouse files this build gets (None: no wheelhouse on this
+    worker). Refuses an offline build whose exact pins are not there."""
+    index = wheelhouse.read_index(settings.pip_wheelhouse)
+    if index is None:
+        return None
+    files, missing = wheelhouse.plan(settings.pip_wheelhouse, index, environment)
+    if missing and offline(settings, files):
+        raise EnvironmentBuildError(
+            "The wheelhouse on this VM (%s, made %s) lacks %s, and no package index is "
+            "configured, so no image was built.\n  environment: %s (from %s)\n  to add them: %s"
+            % (settings.pip_wheelhouse, index.get("made", "?"), ", ".join(missing),
+               ", ".join(environment["packages"]), environment.get("source"),
+               wheelhouse.ADD_COMMAND))
+    return files
 
 
 def ensure_environment_image(client, base_image, environment, settings: Settings, log) -> str:
@@ -110,6 +157,7 @@ def ensure_environment_image(client, base_image, environment, settings: Settings
     if _exists(client, tag):
         _touch(settings, tag)
         return tag
+    wheels = _wheels(settings, environment)
     os.makedirs(settings.lock_dir, exist_ok=True)
     lock_path = os.path.join(settings.lock_dir, tag.replace("/", "_").replace(":", "_") + ".lock")
     with open(lock_path, "a") as lock:
@@ -120,13 +168,19 @@ def ensure_environment_image(client, base_image, environment, settings: Settings
             _touch(settings, tag)
             return tag
         log.info("Building the step environment image %s: %s on %s (first use; later "
-                 "runs reuse it).", tag, ", ".join(environment["packages"]), base_image)
+                 "runs reuse it; packages from %s).", tag, ", ".join(environment["packages"]),
+                 base_image, source_name(settings, wheels))
         t = time.time()
         output, error = [], None
         try:
-            for chunk in client.api.build(fileobj=_context(base_image, environment, settings),
+            # Offline builds get no network at all: what the wheelhouse lacks
+            # fails here as it would on an air-gapped VM.
+            for chunk in client.api.build(fileobj=_context(base_image, environment, settings,
+                                                           wheels),
                                           custom_context=True, tag=tag, rm=True, forcerm=True,
-                                          pull=False, decode=True):
+                                          pull=False, decode=True,
+                                          network_mode="none" if offline(settings, wheels)
+                                          else None):
                 line = _ANSI.sub("", chunk.get("stream") or "").rstrip()
                 if line:
                     output.append(line)
@@ -136,16 +190,50 @@ def ensure_environment_image(client, base_image, environment, settings: Settings
         except docker.errors.APIError as e:
             error = str(e)
         if error or not _exists(client, tag):
-            pip_lines = [l for l in output if "ERROR" in l or "error" in l.lower()][-6:]
-            raise EnvironmentBuildError(
-                "Building the step environment failed, no image was kept.\n"
-                "  environment: %s (from %s, python %s)\n  base image: %s\n  pip said:\n    %s"
-                % (", ".join(environment["packages"]), environment.get("source"),
-                   environment.get("python") or "of the image", base_image,
-                   "\n    ".join(pip_lines or [error or "unknown error"])))
+            raise _build_failed(output, error, base_image, environment, settings, wheels)
         log.info("Built %s in %.1f s.", tag, time.time() - t)
         _touch(settings, tag)
         return tag
+
+
+def source_name(settings: Settings, wheels) -> str:
+    if offline(settings, wheels):
+        return "the wheelhouse %s only" % settings.pip_wheelhouse
+    index = settings.pip_index_url or "https://pypi.org/simple (pip's default)"
+    return index + (" and the wheelhouse" if wheels else "")
+
+
+_UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "SSLCertVerificationError", "certificate verify failed")
+_UNREACHABLE = ("NewConnectionError", "Failed to establish a new connection",
+                "Name or service not known", "Temporary failure in name resolution",
+                "Network is unreachable", "Connection refused", "ConnectTimeoutError",
+                "No route to host", "ProxyError")
+
+
+def _build_failed(output, error, base_image, environment, settings, wheels):
+    pip_lines = [l for l in output if "ERROR" in l or "error" in l.lower()][-6:]
+    text = "\n".join(output) + "\n" + (error or "")
+    source = source_name(settings, wheels)
+    hint = ""
+    if any(s in text for s in _UNTRUSTED):
+        hint = ("pip does not trust the certificate of %s (your own CA, or a TLS-inspecting "
+                "proxy's): set packages.ca_bundle in deploy.yaml to that CA's PEM file and run "
+                "fab deploy (outside a deploy: MFS_PIP_CERT on the worker)" % source)
+    elif any(s in text for s in _UNREACHABLE):
+        hint = ("this VM cannot reach %s: set packages.index_url in deploy.yaml to an index it "
+                "can reach and run fab deploy (MFS_PIP_INDEX_URL outside a deploy); with no "
+                "network at all, bundle the wheels: %s" % (source, wheelhouse.ADD_COMMAND))
+    elif offline(settings, wheels) and "No matching distribution" in text:
+        hint = "the wheelhouse lacks a package this environment needs; to add it: %s" % (
+            wheelhouse.ADD_COMMAND)
+    return EnvironmentBuildError(
+        "Building the step environment failed, no image was kept.\n"
+        "  environment: %s (from %s, python %s)\n  base image: %s\n  packages from: %s\n"
+        "  pip said:\n    %s%s"
+        % (", ".join(environment["packages"]), environment.get("source"),
+           environment.get("python") or "of the image", base_image, source,
+           "\n    ".join(pip_lines or [error or "unknown error"]),
+           "\n  what to do: " + hint if hint else ""))
 
 
 def _exists(client, tag):

@@ -49,11 +49,18 @@ def verify_and_load_bundle(path, images_member="images.tar.gz") -> str:
             "docker load -i %s | sed 's/^/  /'" % (p, q(images_member)))
 
 
-def build(install_dir, service, tag, args) -> str:
-    """docker build of a stack image from its directory in install_dir."""
+def build(install_dir, service, tag, args, ca=None) -> str:
+    """docker build of a stack image from its directory in install_dir; *ca*
+    (a CA bundle on the VM, packages.ca_bundle) goes into the context as
+    ca.pem for the build's pip, and out again."""
     build_args = " ".join("--build-arg %s" % q("%s=%s" % kv) for kv in sorted(args.items()))
-    return ("cd %s && docker build -q -t %s %s %s" % (q(install_dir), q(tag), build_args,
-                                                        q(service))).replace("  ", " ")
+    line = ("cd %s && docker build -q -t %s %s %s" % (q(install_dir), q(tag), build_args,
+                                                      q(service))).replace("  ", " ")
+    if not ca:
+        return line
+    pem = q(service + "/ca.pem")
+    return "cd %s && cp %s %s && { %s; rc=$?; rm -f %s; exit $rc; }" % (
+        q(install_dir), q(ca), pem, line, pem)
 
 
 def project_containers(project) -> str:

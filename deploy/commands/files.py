@@ -272,3 +272,21 @@ def remove_stack_files(install_dir, keep) -> str:
     """install_dir emptied except *keep* (names directly in it)."""
     return "cd %s && find . -mindepth 1 -maxdepth 1 %s -exec rm -rf {} +" % (
         q(install_dir), " ".join("! -name %s" % q(k) for k in keep))
+
+
+def unpack_wheelhouse(archive, folder, sha) -> str:
+    """The bundle's wheelhouse replaces *folder* whole (a new one next to it,
+    then swapped), marked with the bundle's checksum of it."""
+    f, new, old = q(folder), q(folder + ".new"), q(folder + ".old")
+    return ("set -e; rm -rf %s %s; install -d -m 0755 %s; tar -C %s --no-same-owner -xf %s; "
+            "chmod -R a+rX %s; printf '%%s\\n' %s > %s/.bundle-sha256; "
+            "if [ -d %s ]; then mv %s %s; fi; mv %s %s; rm -rf %s"
+            % (new, old, new, new, q(archive), new, q(sha), new, f, f, old, new, f, old))
+
+
+def probe_index(url, ca=None) -> str:
+    """The HTTP status of a package index as the VM sees it (000: no answer),
+    then curl's error."""
+    cacert = "--cacert %s " % q(ca) if ca else ""
+    return ("curl -sS -o /dev/null -w '%%{http_code}' --max-time 15 %s%s 2>&1 || true"
+            % (cacert, q(url.rstrip("/") + "/")))

@@ -62,3 +62,20 @@ def create(obj, out, tags=None, image=None, step_images=None, dag_id=None, pool=
         click.secho("Cannot compile this flow for Airflow:", fg="red", bold=True, err=True)
         click.secho("    " + e.message, err=True)
         sys.exit(1)
+
+
+@airflow3.command(help="Print this flow's step environments (@pypi, @conda, requirements.txt) "
+                  "as JSON: what `fab bundle --flows` puts into the bundle's wheelhouse.")
+@click.pass_obj
+def environments(obj):
+    import json
+    import sys
+
+    from metaflow_services.compiler import CompileError, flow_environments
+
+    try:
+        click.echo(json.dumps(flow_environments(obj)))
+    except CompileError as e:
+        click.secho("Cannot read the environments of this flow:", fg="red", bold=True, err=True)
+        click.secho("    " + e.message, err=True)
+        sys.exit(1)
