@@ -18,6 +18,7 @@ from pathlib import Path
 from metaflow_services import wheelhouse
 
 from . import commands as cmd
+from . import config as config_mod
 from . import wheels
 from .remote import DeployError
 from .session import Session, duration
@@ -39,7 +40,10 @@ def install(s: Session):
         if not pem.is_file():
             raise DeployError("packages.ca_bundle: no such file on this workstation: %s"
                               % p.ca_bundle, "give the CA's PEM file, or unset the option")
-        res = s.r.stdout(cmd.write_file(folder + "/ca.pem", pem.read_text(), "0644"),
+        # Through SFTP: a CA bundle (a system's is ~200 KB) is too long for
+        # a command line.
+        remote = s.r.put_private(pem, "ca.pem")
+        res = s.r.stdout(cmd.install_uploaded(remote, folder + "/ca.pem", "0644"),
                          what="installing the CA bundle").strip()
         s.out.ok("CA bundle %s: %s (every environment image build trusts it)" % (pem, res))
     else:
@@ -78,8 +82,10 @@ def _install_wheelhouse(s: Session, folder, entry):
 
 
 def report(s: Session) -> list:
-    """`fab status`: where packages come from, and whether the VM reaches it."""
-    p, folder = s.o.packages, s.dir + "/packages"
+    """`fab status`: where packages come from (as the VM was deployed), and
+    whether the VM reaches it."""
+    p = config_mod.from_description(s.record.get("options") or {}).packages
+    folder = s.dir + "/packages"
     house = s.r.stdout(cmd.read_file(folder + "/wheelhouse/" + wheelhouse.INDEX),
                        what="reading the wheelhouse")
     warnings = []

@@ -175,12 +175,13 @@ def _check_packages(p, fail):
         if not path.is_file():
             fail("packages.ca_bundle", "no such file on this workstation: %s" % p.ca_bundle)
         try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
+            data = path.read_bytes()
+        except OSError as e:
             fail("packages.ca_bundle", "cannot read %s: %s" % (p.ca_bundle, e))
-        if "-----BEGIN CERTIFICATE-----" not in text:
-            fail("packages.ca_bundle", "%s holds no PEM certificate (-----BEGIN "
-                 "CERTIFICATE-----); give the CA's certificate in PEM form" % p.ca_bundle)
+        if b"-----BEGIN CERTIFICATE-----" not in data:
+            fail("packages.ca_bundle", "%s holds no PEM certificate (-----BEGIN CERTIFICATE-----); "
+                 "give the CA's certificate in PEM form (from DER: openssl x509 -inform der "
+                 "-in %s -out ca.pem)" % (p.ca_bundle, p.ca_bundle))
 
 
 _SCHEDULE_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")

@@ -105,10 +105,10 @@ def make_wheelhouse(o: Options, step_image: str, folder: Path, work: Path, out) 
     return {"environments": len(index), "wheels": sum(1 for f in os.listdir(house)
                                                       if f.endswith(".whl")),
             "python": python, "flows": sorted(str(p.relative_to(folder)) for p in flows),
-            "source_sha": _source_sha(flows)}
+            "source_sha": source_sha(flows)}
 
 
-def _source_sha(flows) -> str:
+def source_sha(flows) -> str:
     """Of the flow files the wheelhouse was made from (to tell a stale one)."""
     h = hashlib.sha256()
     for p in flows:

@@ -33,8 +33,9 @@ BASE, MFLOCAL = harness.scratch_dir("mfs-tests-")
 # new bare VM); worker VMs; the lean variant last (it switches the Metaflow
 # services off). Every module must be listed (tests/test_layout.py).
 DEPLOY_ORDER = ["test_deploy_refusals", "test_deploy_stack", "test_deploy_stack_dags",
-                "test_deploy_stack_flows", "test_deploy_metaflow", "test_deploy_readme",
-                "test_deploy_upkeep", "test_deploy_workers", "test_deploy_lean"]
+                "test_deploy_stack_flows", "test_deploy_packages", "test_deploy_metaflow",
+                "test_deploy_readme", "test_deploy_upkeep", "test_deploy_workers",
+                "test_deploy_lean"]
 
 SEAWEED = harness.SeaweedFS(BASE)
 POSTGRES = harness.Postgres(BASE)

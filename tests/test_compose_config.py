@@ -173,6 +173,26 @@ def test_the_scheduler_runs_metaflow_steps_in_containers(full):
     assert env["MFS_METAFLOW_UI_URL"] == "https://mfs.example.com:8443"
 
 
+def test_environment_builds_get_the_packages_options(tmp_path, full):
+    """packages.* reach every service that builds step environment images,
+    with the CA bundle and the wheelhouse from install_dir/packages."""
+    _, _, default = full
+    assert default["services"]["airflow-scheduler"]["environment"]["MFS_PIP_INDEX_URL"] == ""
+    o, _, cfg = render(tmp_path, workers={"vm1": VM1},
+                       **{"packages.index_url": "https://pypi.example.com/simple",
+                          "packages.trusted_hosts": "a.example.com b.example.com"})
+    for name in ("airflow-scheduler", "edge-worker"):
+        svc = cfg["services"][name]
+        env = svc["environment"]
+        assert env["MFS_PIP_INDEX_URL"] == "https://pypi.example.com/simple", name
+        assert env["MFS_PIP_TRUSTED_HOST"] == "a.example.com,b.example.com", name
+        assert env["MFS_PIP_CERT"] == "/etc/mfs/packages/ca.pem", name
+        assert env["MFS_PIP_WHEELHOUSE"] == "/etc/mfs/packages/wheelhouse", name
+        mounts = {v["target"]: v for v in svc["volumes"]}
+        assert mounts["/etc/mfs/packages"]["source"].endswith("/install/packages"), name
+        assert mounts["/etc/mfs/packages"]["read_only"], name
+
+
 def test_the_flow_watcher_compiles_flows_into_the_dags_folder(full):
     o, secrets, cfg = full
     w = cfg["services"]["flow-watcher"]
@@ -330,6 +350,10 @@ def test_the_worker_stack_has_no_port_no_database_and_trusts_the_main_vm(tmp_pat
     assert cfg["services"]["edge-worker"]["command"] == [
         "airflow", "edge", "worker", "--queues", "default,gpu", "--concurrency", "8",
         "--edge-hostname", "vm1"]
+    # Environment images build on the worker too: its packages folder.
+    assert env["MFS_PIP_WHEELHOUSE"] == "/etc/mfs/packages/wheelhouse"
+    assert any(v["target"] == "/etc/mfs/packages" and v["source"].endswith("/worker/packages")
+               for v in cfg["services"]["edge-worker"]["volumes"])
     rendered = json.dumps(cfg)
     for name in ("MFS_POSTGRES_PASSWORD", "MFS_AIRFLOW_DB_PASSWORD", "MFS_AIRFLOW_FERNET_KEY",
                  "MFS_AIRFLOW_API_SECRET_KEY", "MFS_METAFLOW_UI_PASSWORD"):

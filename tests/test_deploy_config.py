@@ -59,6 +59,13 @@ def test_file_then_flags(tmp_path):
     ("install_dir: /opt\n", "install_dir: expected an absolute path of its own"),
     ("data_dir: relative/dir\n", "data_dir: expected an absolute path of its own"),
     ("install:\n  apt_proxy: ftp://x\n", "install.apt_proxy: expected an http(s) URL"),
+    ("packages:\n  index_url: pypi.example.com/simple\n",
+     "packages.index_url: expected the http(s) URL of a package index"),
+    ("packages:\n  trusted_hosts: https://pypi.example.com\n",
+     "packages.trusted_hosts: expected host names (host or host:port, comma-separated), "
+     "found 'https://pypi.example.com'"),
+    ("packages:\n  ca_bundle: /nonexistent-ca.pem\n",
+     "packages.ca_bundle: no such file on this workstation: /nonexistent-ca.pem"),
     ("- a\n- b\n", "expected a mapping of options at the top level"),
     ("a: [\n", "not valid YAML"),
 ])
@@ -67,6 +74,21 @@ def test_mistakes_in_the_file_are_refused(tmp_path, text, message):
         load_text(tmp_path, text)
     assert message in str(e.value)
     assert str(e.value).startswith(str(tmp_path / "deploy.yaml"))
+
+
+def test_a_ca_bundle_must_hold_a_pem_certificate(tmp_path):
+    der = tmp_path / "ca.der"
+    der.write_bytes(b"0\x82\x01\x0a not pem")
+    with pytest.raises(config.ConfigError) as e:
+        load_text(tmp_path, "", flags={"packages.ca_bundle": str(der)})
+    assert "packages.ca_bundle: %s holds no PEM certificate" % der in str(e.value)
+    pem = tmp_path / "ca.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    o = load_text(tmp_path, "packages:\n  index_url: https://pypi.example.com/simple\n"
+                            "  trusted_hosts: a.example.com, b.example.com:8080\n",
+                  flags={"packages.ca_bundle": str(pem)})
+    assert (o.packages.index_url, o.packages.ca_bundle) == ("https://pypi.example.com/simple",
+                                                            str(pem))
 
 
 def test_mistakes_in_flags_are_refused(tmp_path):

@@ -42,6 +42,8 @@ VM_IP = vm_mod.VM_IP
 INSTALL_DIR = "/opt/metaflow-services"
 DATA_DIR = "/srv/metaflow-services"
 PROJECT = "metaflow-services"
+# `fab bundle --flows` of this folder: the air-gapped worker's wheelhouse.
+WHEELHOUSE_FLOWS = REPO / "tests" / "flows" / "wheelhouse"
 
 # The deploy options of the test: the defaults (the Metaflow metadata
 # service, UI backend and UI included), with the test-built images instead of
@@ -111,17 +113,26 @@ def local_image_id(ref):
 
 
 def ensure_bundle(config: Path, home: Path) -> Path:
-    """`fab bundle` of the test images; made again only when an image changed."""
+    """`fab bundle --flows` of the test images and the wheelhouse of the
+    flows in WHEELHOUSE_FLOWS; made again only when an image or one of those
+    flows changed."""
     path = CACHE / "bundle-test.tar"
     if path.exists():
         import tarfile
 
         with tarfile.open(path) as tar:
             manifest = json.loads(tar.extractfile(tar.next()).read())
-        if all(local_image_id(e["ref"]) == e["id"] for e in manifest["images"]):
+        wheels = deploy_module("wheels")
+        flows_sha = wheels.source_sha(wheels.flow_files(WHEELHOUSE_FLOWS))
+        if all(local_image_id(e["ref"]) == e["id"] for e in manifest["images"]) and \
+                (manifest.get("wheelhouse") or {}).get("source_sha") == flows_sha:
             return path
-    proc = run([FAB, "bundle", "--config", str(config), "--output", str(path)], cwd=str(REPO),
-               env=fab_env(home))
+    proc = run([FAB, "bundle", "--config", str(config), "--output", str(path),
+                "--flows", str(WHEELHOUSE_FLOWS),
+                # This machine reaches PyPI through a TLS-inspecting proxy.
+                "--set", "packages.ca_bundle=%s" % os.environ.get(
+                    "SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")],
+               cwd=str(REPO), env=fab_env(home))
     if proc.returncode != 0:
         pytest.fail("fab bundle failed:\n%s" % proc.stdout[-3000:])
     return path

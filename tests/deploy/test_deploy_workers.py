@@ -1,11 +1,16 @@
 """Worker VMs on two bare VMs (docs/workers.md): the deployed test VM is the
-main VM; a second bare VM (its own network namespace, 10.213.1.2) becomes a
-worker with `fab add-worker`. A foreach's tasks land on both machines and a
-step routed to the worker's own queue runs there (checked with the Metaflow
-client on the main VM: the worker's metadata reaches it); the worker VM dies
-in the middle of a task, which Airflow retries on the main VM as the next
-Metaflow attempt, and the run succeeds. `fab remove-worker` drains a live
-worker (the main VM is a single VM again) and forgets a dead one.
+main VM; a second VM (its own network namespace, 10.213.1.2) becomes a
+worker with `fab add-worker`. The worker is air-gapped: Docker came with its
+image (from the company's mirror, say), and it reaches the main VM and
+nothing else. Everything it needs comes from the bundle: the images, and the
+wheelhouse of a @pypi step routed to it (`fab bundle --flows`), whose
+environment image it builds with no package index. A foreach's tasks land
+on both machines and a step routed to the worker's own queue runs there
+(checked with the Metaflow client on the main VM: the worker's metadata
+reaches it); the worker VM dies in the middle of a task, which Airflow
+retries on the main VM as the next Metaflow attempt, and the run succeeds.
+`fab remove-worker` drains a live worker (the main VM is a single VM again)
+and forgets a dead one.
 
 Runs after the other deploy tests (file order), on the VM they leave.
 """
@@ -25,18 +30,27 @@ from deploylab import CACHE, DATA_DIR, INSTALL_DIR, VM_IP, _timed
 pytestmark = pytest.mark.deploy
 
 FLOW = Path(__file__).resolve().parents[1] / "flows" / "spread_flow.py"
+WHEELHOUSE_FLOW = Path(__file__).resolve().parents[1] / "flows" / "wheelhouse" / "wheelhouse_flow.py"
+# Plain HTTP: reachable from the main VM (through the host's NAT) whatever
+# CAs it trusts; not from an air-gapped VM.
+OUTSIDE = "http://deb.debian.org/debian/"
 
 
 @pytest.fixture(scope="module")
 def worker(lab, deployed):
-    """The second VM, bare, booted; destroyed at the end."""
+    """The second VM: booted, Docker installed from Debian's packages, then
+    cut off from everything but the other test VMs; destroyed at the end."""
     image = vm_mod.prepare_image(CACHE)
     vm1 = vm_mod.BareVM(image, CACHE / "vm1", lab.key.with_suffix(".pub").read_text().strip(),
                         index=1)
-    with _timed("worker VM create and boot"):
+    with _timed("worker VM create, boot and Docker install"):
         vm1.create()
         vm1.network_up()
         vm1.boot()
+        vm1.run("DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND="
+                "noninteractive apt-get install -y -q --no-install-recommends docker.io "
+                "docker-cli docker-compose", timeout=1200)
+        vm1.cut_off()
     yield vm1
     vm1.destroy()
 
@@ -70,21 +84,46 @@ def task_state(lab, run_id, task_id):
     return {t["task_id"]: t["state"] for t in tis}.get(task_id)
 
 
+def drop_flow(lab, path, dag_id):
+    """scp the flow into the dags folder as a data scientist would; wait for
+    its DAG and unpause it."""
+    from fabric import Connection
+
+    with Connection(VM_IP, user="deployer", connect_kwargs={"key_filename": str(lab.key)}) as c:
+        c.put(str(path), "%s/dags/%s" % (DATA_DIR, path.name))
+    dag = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / ".metaflow-services" / (dag_id + ".py")
+    api, base = lab.airflow(), "https://%s/api/v2/dags/%s" % (VM_IP, dag_id)
+    deadline = time.time() + 240
+    while not dag.exists() or api.get(base, timeout=30).status_code != 200:
+        assert time.time() < deadline, lab.compose("logs --tail 30 flow-watcher")
+        time.sleep(2)
+    api.patch(base, json={"is_paused": False}, timeout=30).raise_for_status()
+
+
 def test_add_worker_without_main_is_refused_before_anything_changes(lab, worker):
     res = lab.fab("add-worker", "--config", str(lab.config), host=worker.ip)
     assert res.returncode != 0
     assert "--main is missing: the main VM this worker takes tasks from" in res.output, str(res)
-    assert worker.run("command -v docker", check=False).returncode != 0
+    assert not (worker.root / INSTALL_DIR.lstrip("/")).exists()
 
 
-def test_add_worker_prepares_the_bare_vm_and_registers_it(lab, worker):
-    with _timed("fab add-worker (bare VM, from the bundle)"):
+def test_the_worker_vm_is_air_gapped(lab, worker):
+    assert lab.sh("curl -fsS -o /dev/null -m 20 %s && echo reached" % OUTSIDE).strip() == "reached"
+    res = worker.run("curl -fsS -o /dev/null -m 20 %s" % OUTSIDE, check=False)
+    assert res.returncode != 0, "the worker VM reaches %s" % OUTSIDE
+
+
+def test_add_worker_prepares_the_air_gapped_vm_and_registers_it(lab, worker):
+    with _timed("fab add-worker (air-gapped VM, from the bundle)"):
         res = add_worker(lab, worker, "--queue", "default,special", "--name", "vm1")
     (CACHE / "add-worker.log").write_text(str(res))
     assert res.returncode == 0, str(res)
     out = res.output
     assert "preflight on worker" in out and "reaches the main VM at https://%s" % VM_IP in out
-    assert "installing docker.io" in out                       # a bare VM, as deploy does
+    assert "present, skipped" in out                            # Docker from its image
+    # The bundle's wheelhouse (fab bundle --flows tests/flows/wheelhouse).
+    assert "wheelhouse: " in out and "of wheelhouse_flow.py" in out, out
+    assert "environment images get packages from the wheelhouse only" in out, out
     assert "==> smoke test" in out                             # the main VM through Edge
     assert "vm1 is idle, queues ['default', 'special']" in out, out
     assert "Worker vm1 (deployer@10.213.1.2) takes tasks of queues default,special" in out
@@ -101,18 +140,8 @@ def test_add_worker_prepares_the_bare_vm_and_registers_it(lab, worker):
 
 
 def test_a_foreach_spreads_over_both_vms_and_a_routed_step_runs_on_its_queue(lab, worker):
-    from fabric import Connection
-
     assert "worker_added" in lab.results, "needs the worker"
-    with Connection(VM_IP, user="deployer", connect_kwargs={"key_filename": str(lab.key)}) as c:
-        c.put(str(FLOW), "%s/dags/spread_flow.py" % DATA_DIR)
-    dag = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / ".metaflow-services" / "SpreadFlow.py"
-    api, base = lab.airflow(), "https://%s/api/v2/dags/SpreadFlow" % VM_IP
-    deadline = time.time() + 240
-    while not dag.exists() or api.get(base, timeout=30).status_code != 200:
-        assert time.time() < deadline, lab.compose("logs --tail 30 flow-watcher")
-        time.sleep(2)
-    api.patch(base, json={"is_paused": False}, timeout=30).raise_for_status()
+    drop_flow(lab, FLOW, "SpreadFlow")
 
     # More splits than the main VM has slots (8 on the test VM: 2 cores), so
     # the main VM alone cannot hold them all: the worker's slots count.
@@ -133,6 +162,24 @@ def test_a_foreach_spreads_over_both_vms_and_a_routed_step_runs_on_its_queue(lab
         time.sleep(5)
     assert where["body"] == ["main", "vm1"], where     # the foreach used both machines
     assert where["special"] == ["vm1"], where          # @worker(queue="special")
+
+
+def test_a_pypi_step_on_the_air_gapped_worker_installs_from_the_wheelhouse(lab, worker):
+    assert "worker_added" in lab.results, "needs the worker"
+    drop_flow(lab, WHEELHOUSE_FLOW, "WheelhouseFlow")
+    run_id, state, tis = lab.run_dag("WheelhouseFlow", {}, timeout=900)
+    assert state == "success", tis
+    from metaflow_services.spec import run_id_for
+
+    data = client(lab, "r = Run('WheelhouseFlow/%s')\nd = r['render'].task.data\n"
+                       "print(json.dumps([d.versions, d.html, d.ran_on]))"
+                  % run_id_for("WheelhouseFlow", run_id))
+    versions, html, ran_on = data
+    assert ran_on == "vm1" and versions["jinja2"] == "3.1.4", data
+    assert html == "<p>&lt;airflow &amp; metaflow&gt;</p>", html   # MarkupSafe at work
+    # Its environment image was built on the worker, offline, from the wheels.
+    images = worker.run("docker images --format '{{.Repository}}' metaflow-services/env").stdout
+    assert "metaflow-services/env" in images, images
 
 
 def assert_single_vm(lab):

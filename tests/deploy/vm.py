@@ -35,6 +35,7 @@ NETNS = "mfs-deploy-vm"
 VETH_HOST, VETH_VM = "mfsvm-h", "mfsvm-v"
 HOST_IP, VM_IP, PREFIX = "10.213.0.1", "10.213.0.2", 30
 SUBNET = "10.213.0.0/30"
+TEST_VMS = "10.213.0.0/16"      # every test VM's /30 lies in it
 # What a minimal cloud image of Debian 13 has besides the base system.
 VM_PACKAGES = ["openssh-server", "sudo", "curl", "ca-certificates"]
 REPO = Path(__file__).resolve().parents[2]
@@ -178,22 +179,37 @@ class BareVM:
                 sh("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
 
     def network_down(self):
-        for table, chain, rule in self.nat_rules or self._rules():
+        self._drop_rules()
+        sh("ip", "link", "del", self.veth_host, check=False, capture=True)
+        sh("ip", "netns", "del", self.netns, check=False, capture=True)
+
+    def cut_off(self):
+        """Air-gapped from now on: the VM reaches the other test VMs and
+        nothing else (no route out: connections elsewhere are refused)."""
+        self._drop_rules()
+        self.nat_rules = self._rules(offline=True)
+        for table, chain, rule in self.nat_rules:
+            sh("iptables", "-t", table, "-I", chain, "1", *rule)
+
+    def _drop_rules(self):
+        for table, chain, rule in self.nat_rules or self._rules() + self._rules(offline=True):
             while sh("iptables", "-t", table, "-D", chain, *rule, check=False,
                      capture=True).returncode == 0:
                 pass
         self.nat_rules = []
-        sh("ip", "link", "del", self.veth_host, check=False, capture=True)
-        sh("ip", "netns", "del", self.netns, check=False, capture=True)
 
-    def _rules(self):
-        """Outbound access for the VM's /30 only (which includes the other
-        test VMs' addresses). FORWARD rules go first: the host's Docker sets
-        the FORWARD policy to DROP."""
-        return [
-            ("nat", "POSTROUTING", ["-s", self.subnet, "!", "-o", self.veth_host,
+    def _rules(self, offline=False):
+        """Outbound access for the VM's /30 only (to anywhere, or offline to
+        the other test VMs only). Inserted in reverse: FORWARD rules go
+        first, as the host's Docker sets the FORWARD policy to DROP."""
+        only = ["-d", TEST_VMS] if offline else []
+        rules = [("filter", "FORWARD", ["-i", self.veth_host, "-s", self.subnet, "-j", "REJECT"])
+                 ] if offline else []
+        return rules + [
+            ("nat", "POSTROUTING", ["-s", self.subnet, *only, "!", "-o", self.veth_host,
                                     "-j", "MASQUERADE"]),
-            ("filter", "FORWARD", ["-i", self.veth_host, "-s", self.subnet, "-j", "ACCEPT"]),
+            ("filter", "FORWARD", ["-i", self.veth_host, "-s", self.subnet, *only,
+                                   "-j", "ACCEPT"]),
             ("filter", "FORWARD", ["-o", self.veth_host, "-d", self.subnet, "-m", "conntrack",
                                    "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"]),
         ]
