@@ -30,6 +30,7 @@ from metaflow_services import archive
 
 from . import bundle as bundle_mod
 from . import commands as cmd
+from . import packages
 from . import runs as runs_mod
 from . import stack
 from . import steps
@@ -288,8 +289,8 @@ def extract_config(path: Path, dest: Path) -> dict:
 
 
 RESTORE = ([steps.install_docker, steps.upload_stack, install_backup_config, steps.ensure_secrets,
-            steps.certificate, steps.configure, steps.images, load_backup, hold_runs]
-           + steps.GO_LIVE)
+            steps.certificate, steps.configure, packages.install, steps.images, load_backup,
+            hold_runs] + steps.GO_LIVE)
 
 
 # ---------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from metaflow_services import wheelhouse
 from . import commands as cmd
 from . import config as config_mod
 from . import wheels
-from .remote import DeployError
 from .session import Session, duration
 
 
@@ -35,18 +34,20 @@ def install(s: Session):
     p, folder = s.o.packages, s.dir + "/packages"
     s.out.step("packages for step environments (%s)" % folder)
     s.r.run(cmd.make_dirs(folder), what="making %s" % folder)
-    if p.ca_bundle:
-        pem = Path(p.ca_bundle).expanduser()
-        if not pem.is_file():
-            raise DeployError("packages.ca_bundle: no such file on this workstation: %s"
-                              % p.ca_bundle, "give the CA's PEM file, or unset the option")
+    pem = Path(p.ca_bundle).expanduser() if p.ca_bundle else None
+    if pem and not pem.is_file():
+        # Only options recorded on a VM get here (a restore from another
+        # workstation): the options file's own are checked before anything.
+        s.out.warn("packages.ca_bundle %s is not on this workstation: environment builds on "
+                   "this VM go without it until a fab deploy with it" % p.ca_bundle)
+    elif pem:
         # Through SFTP: a CA bundle (a system's is ~200 KB) is too long for
         # a command line.
         remote = s.r.put_private(pem, "ca.pem")
         res = s.r.stdout(cmd.install_uploaded(remote, folder + "/ca.pem", "0644"),
                          what="installing the CA bundle").strip()
         s.out.ok("CA bundle %s: %s (every environment image build trusts it)" % (pem, res))
-    else:
+    if not pem:
         s.r.run(cmd.remove_files(folder + "/ca.pem"), what="removing the CA bundle")
     entry = (s.bundle_manifest or {}).get("wheelhouse")
     if entry:

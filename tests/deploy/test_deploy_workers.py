@@ -47,9 +47,11 @@ def worker(lab, deployed):
         vm1.create()
         vm1.network_up()
         vm1.boot()
+        # --force-confold: keep the test VM's /etc/default/docker (vm.py).
         vm1.run("DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND="
-                "noninteractive apt-get install -y -q --no-install-recommends docker.io "
-                "docker-cli docker-compose", timeout=1200)
+                "noninteractive apt-get install -y -q --no-install-recommends -o "
+                "Dpkg::Options::=--force-confold docker.io docker-cli docker-compose",
+                timeout=1200)
         vm1.cut_off()
     yield vm1
     vm1.destroy()
