@@ -6,13 +6,13 @@
     fab -H root@vm.example.com push-flows flows/   # copy flows, wait for their DAGs
     fab -H root@vm.example.com tunnel          # the UIs, metadata API and S3 on localhost
     fab -H root@vm.example.com images | prune-images   # step environment images
-    fab -H root@vm.example.com backup --to backups/    # everything, into one archive
-    fab -H root@new-vm restore backups/ARCHIVE.tar     # onto a fresh VM, schedules held back
+    fab -H root@vm.example.com backup --to backups/ [--encrypt-to age1...]   # one archive
+    fab -H root@new-vm restore backups/ARCHIVE.tar[.age --identity KEY]  # onto a fresh VM
     fab -H root@new-vm resume                          # go live after a restore
     fab -H root@vm.example.com upgrade [--set images.airflow=REF] [--drain]  # backup, migrate, or roll back
     fab -H root@worker add-worker --main root@vm.example.com [--queue gpu]   # a worker VM
     fab -H root@worker remove-worker --main root@vm.example.com            # drain, remove it
-    fab bundle --output stack.tar              # images for VMs without registry access
+    fab bundle --output stack.tar [--flows DIR]   # images (and wheels) for offline VMs
 
 `fab --list` shows them; `fab --help deploy` the options of one. The options
 file is deploy.yaml next to this file (see deploy.example.yaml) or --config.

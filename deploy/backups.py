@@ -21,12 +21,15 @@ around it:
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import tarfile
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from metaflow_services import archive
+from metaflow_services import archive, encryption
 
 from . import bundle as bundle_mod
 from . import commands as cmd
@@ -45,33 +48,84 @@ IN_CONTAINER = "/backups"
 # ---------------------------------------------------------------------------
 
 
-def run_backup(s: Session) -> str:
-    """A backup on the VM by the maintenance service; returns its path on
-    the VM. Its progress lines stream to the terminal."""
-    res = s.r.run(cmd.maintenance(s.dir, "backup", exec_=True), hide=False, what="the backup",
+def run_backup(s: Session, encrypt_to="") -> tuple:
+    """A backup on the VM by the maintenance service: (its path on the VM,
+    the path of its encrypted copy or None). *encrypt_to* overrides the
+    backup.encrypt_to the VM was deployed with. Progress streams to the
+    terminal."""
+    args = "backup" + (" --encrypt-to %s" % cmd.q(encryption.normalize(encrypt_to))
+                       if encrypt_to else "")
+    res = s.r.run(cmd.maintenance(s.dir, args, exec_=True), hide=False, what="the backup",
                   timeout=24 * 3600)
-    name = next((line.split()[2] for line in res.stdout.splitlines()
-                 if line.startswith("backup written: ")), None)
-    if not name:
+    said = {line.split(": ", 1)[0]: line.split()[3 if line.startswith("encrypted") else 2]
+            for line in res.stdout.splitlines()
+            if line.startswith(("backup written: ", "encrypted copy written: "))}
+    if "backup written" not in said:
         raise DeployError("the backup did not say where it wrote the archive",
                           "see: fab -H %s logs maintenance" % s.host)
-    return "%s/%s" % (s.o.backup.dir, Path(name).name)
+    on_vm = lambda key: "%s/%s" % (s.o.backup.dir, Path(said[key]).name)  # noqa: E731
+    return on_vm("backup written"), (on_vm("encrypted copy written")
+                                     if "encrypted copy written" in said else None)
 
 
-def backup(s: Session, target: Path = None):
-    """`fab backup [--to TARGET]`."""
+def backup(s: Session, target: Path = None, encrypt_to=""):
+    """`fab backup [--to TARGET] [--encrypt-to RECIPIENTS]`."""
     with s.lock("fab backup"):
         s.out.step("backup of %s into %s" % (s.host, s.o.backup.dir))
         t0 = time.time()
-        path = run_backup(s)
+        path, sealed = run_backup(s, encrypt_to)
         size = int(s.r.stdout(cmd.file_size(path), what="reading its size"))
         s.out.ok("%s (%s) in %s" % (path, archive.human(size), duration(time.time() - t0)))
+        if sealed:
+            s.out.ok("%s: its encrypted copy (age); the plain archive stays on the VM" % sealed)
     local = None
     if target is not None:
-        s.out.step("copy to this workstation")
-        local = download(s, path, target)
-    s.out.stream.write("\nRestore it onto a fresh VM with: fab -H NEWHOST restore %s\n"
-                       % (local or "ARCHIVE (copy it off the VM first: fab backup --to DIR)"))
+        s.out.step("copy to this workstation" + (" (the encrypted copy)" if sealed else ""))
+        local = download(s, sealed or path, target)
+    how = "restore %s" % (local or "ARCHIVE (copy it off the VM first: fab backup --to DIR)")
+    if sealed:
+        how += " --identity KEY (the age identity or SSH private key of a recipient)"
+    s.out.stream.write("\nRestore it onto a fresh VM with: fab -H NEWHOST %s\n" % how)
+
+
+@contextmanager
+def opened(out, path: Path, identity=None):
+    """The archive to restore: *path*, or the archive inside it when it is an
+    encrypted copy (NAME.age), decrypted into a private folder next to it
+    that is removed afterwards."""
+    if not (path.is_file() and encryption.is_encrypted(path)):
+        if identity:
+            out.warn("%s is not encrypted: --identity is not needed" % path)
+        yield path
+        return
+    identity = Path(identity or _ask_identity(path)).expanduser()
+    out.step("opening the encrypted backup %s with %s" % (path, identity))
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=".mfs-restore-", dir=str(path.parent)))
+    except OSError:  # a read-only folder of backups
+        folder = Path(tempfile.mkdtemp(prefix="mfs-restore-"))
+    try:
+        t0 = time.time()
+        try:
+            plain = encryption.decrypt(path, identity, folder / path.name[:-len(encryption.SUFFIX)])
+        except archive.BackupError as e:
+            raise DeployError("restore refused: %s (nothing on the VM was touched)" % e,
+                              "give --identity the age identity file or SSH private key whose "
+                              "public key the backup was encrypted to (backup.encrypt_to)")
+        out.ok("decrypted into %s (private, removed afterwards) in %s"
+               % (folder, duration(time.time() - t0)))
+        yield plain
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ask_identity(path: Path) -> str:
+    if not sys.stdin.isatty():
+        raise DeployError("%s is encrypted (age): it needs the key to open it (nothing on the VM "
+                          "was touched)" % path,
+                          "give --identity FILE: the age identity file or SSH private key of "
+                          "one of its recipients")
+    return input("%s is encrypted. Identity file (age identity or SSH private key): " % path)
 
 
 def download(s: Session, remote_path, local: Path):
@@ -352,7 +406,7 @@ def upgrade(new: Session, old: Session):
     steps.preflight(new)
     with new.lock("fab upgrade"):
         new.out.step("backup before the upgrade")
-        backup_path = run_backup(new)
+        backup_path, _ = run_backup(new)
         new.out.ok(backup_path)
         try:
             steps.run(new, steps.DEPLOY)

@@ -70,6 +70,9 @@ class Backup:
                      default=7)
     max_age_days: float = _doc("`fab status` warns when the newest backup is older",
                                default=2.0)
+    encrypt_to: str = _doc("age (age1...) or SSH public keys, comma-separated: every backup "
+                           "also gets an encrypted copy NAME.age, the one fab backup --to "
+                           "copies off the VM", default="")
 
 
 @dataclass

@@ -18,7 +18,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from metaflow_services import __version__
+from metaflow_services import __version__, encryption
 
 from .config import Options
 
@@ -245,6 +245,7 @@ def settings_env(o: Options, facts: dict) -> str:
         "MFS_BACKUP_HOST_DIR": o.backup.dir,
         "MFS_BACKUP_SCHEDULE": o.backup.schedule,
         "MFS_BACKUP_KEEP": o.backup.keep,
+        "MFS_BACKUP_ENCRYPT_TO": encryption.normalize(o.backup.encrypt_to),
         "MFS_EXECUTOR": o.executor,
         "MFS_METAFLOW_UI_USER": o.metaflow_ui.user,
         "MFS_FLOWS_DEFAULT_USER": o.flows.default_user,

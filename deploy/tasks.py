@@ -21,7 +21,7 @@ from fabric import task
 from invoke.exceptions import Exit
 
 from metaflow_services import __version__
-from metaflow_services import archive
+from metaflow_services import archive, encryption
 
 from . import backups, client, lifecycle, status as status_mod, steps, workers
 from . import bundle as bundle_mod
@@ -29,6 +29,7 @@ from . import commands as cmd
 from . import config as config_mod
 from . import flows as flows_mod
 from . import stack
+from .config import ConfigError
 from .remote import DeployError, Out, Remote, boundary
 from .session import Session, connect, duration, options, require_host, set_flags, version_tuple
 
@@ -220,29 +221,41 @@ def prune_images(c, dry_run=False, config=None, verbose=False):
 
 
 @task(help=dict(COMMON_HELP, to="also copy the archive to this file or folder on this "
-                                "workstation"))
+                                "workstation (its encrypted copy, when there is one)",
+                encrypt_to="age (age1...) or SSH public keys, comma-separated: also write an "
+                           "encrypted copy (default: the option backup.encrypt_to)"))
 @boundary("backup")
-def backup(c, to="", config=None, verbose=False):
+def backup(c, to="", encrypt_to="", config=None, verbose=False):
     """Back up everything into one archive on the VM (and --to here).
 
     Databases, the bucket, Metaflow's local metadata, task logs, flows, DAGs,
-    secrets, certificate and options, with a manifest of checksums."""
+    secrets, certificate and options, with a manifest of checksums. With
+    --encrypt-to (or backup.encrypt_to) also an age-encrypted copy, which is
+    what --to copies here."""
+    if encrypt_to:
+        try:
+            encryption.recipients(encrypt_to)
+        except archive.BackupError as e:
+            raise ConfigError("--encrypt-to: %s (nothing was done)" % e,
+                              "give age public keys (age-keygen -y KEYFILE) or SSH public keys")
     s = connect(c, "backup", verbose, config)
     target = Path(to).expanduser() if to else None
     if target is not None and not (target.is_dir() or target.parent.is_dir()):
         raise DeployError("--to %s: no such folder on this workstation (nothing was done)"
                           % to, "create it first")
-    backups.backup(s, target)
+    backups.backup(s, target, encrypt_to)
 
 
 @task(help=dict(COMMON_HELP, archive_path="a backup made by fab backup (on this workstation)",
                 bundle=BUNDLE_HELP,
                 public_host="name or IP of the new VM for browsers and laptops (default: -H)",
                 resume="disaster recovery (the old VM is gone): schedules and the runs in "
-                       "flight at backup time go live at once, instead of after fab resume"))
+                       "flight at backup time go live at once, instead of after fab resume",
+                identity="for an encrypted backup (NAME.age): the age identity file or SSH "
+                         "private key of one of its recipients (asked for when not given)"))
 @boundary("restore")
-def restore(c, archive_path, bundle=None, public_host=None, resume=False, config=None,
-            verbose=False):
+def restore(c, archive_path, bundle=None, public_host=None, resume=False, identity=None,
+            config=None, verbose=False):
     """Rebuild the platform from a backup on a fresh VM given with -H.
 
     Runs, artifacts, logs, DAGs, schedules, users and secrets come back;
@@ -252,6 +265,11 @@ def restore(c, archive_path, bundle=None, public_host=None, resume=False, config
     be running them."""
     out = Out(verbose)
     path = Path(archive_path).expanduser()
+    with backups.opened(out, path, identity) as path:
+        _restore(c, out, path, bundle, public_host, resume, config)
+
+
+def _restore(c, out, path, bundle, public_host, resume, config):
     manifest = _checked_backup(out, path)
     options = manifest["deploy"].get("options")
     if not options:
@@ -264,6 +282,11 @@ def restore(c, archive_path, bundle=None, public_host=None, resume=False, config
     o.public_host = public_host or c.host
     if o.tls.cert and not Path(o.tls.cert).expanduser().exists():
         o.tls.cert = o.tls.key = ""  # restore installs the backup's own (install_backup_config)
+    if o.packages.ca_bundle and not Path(o.packages.ca_bundle).expanduser().exists():
+        out.warn("packages.ca_bundle %s of the backup's options is not on this workstation: "
+                 "environment builds on the new VM go without it until a fab deploy with it"
+                 % o.packages.ca_bundle)
+        o.packages.ca_bundle = ""
     config_mod.validate(o, "the backup's options")
     s = Session(Remote(c, out), o, out)
     s.use_bundle(bundle)

@@ -9,6 +9,8 @@ import ipaddress
 import re
 from pathlib import Path
 
+from metaflow_services import encryption
+from metaflow_services.archive import BackupError
 from metaflow_services.errors import ExitCode, ServicesError
 
 ROLES = ("viewer", "user", "op", "admin")
@@ -145,6 +147,11 @@ def _check_upkeep(o, fail):
         fail("backup.keep", "expected at least 1, found %r" % b.keep)
     if not b.dir.startswith("/") or b.dir.rstrip("/") in ("", o.install_dir, o.data_dir):
         fail("backup.dir", "expected an absolute path of its own, found %r" % b.dir)
+    if b.encrypt_to:
+        try:
+            encryption.recipients(b.encrypt_to)
+        except BackupError as e:
+            fail("backup.encrypt_to", str(e))
 
 
 def _check_sources(o, fail):

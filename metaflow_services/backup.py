@@ -37,7 +37,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from . import objectstore
+from . import encryption, objectstore
 # MANIFEST, PREFIX and SUFFIX are not used here: deploy/ reads them from this module.
 from .archive import (CHUNK, FORMAT, MANIFEST, OLD_PAX_META, OLD_PAX_TYPE, PAX_META,  # noqa: F401
                       PAX_TYPE, PREFIX, SUFFIX,
@@ -145,11 +145,14 @@ def _deploy_record() -> dict:
 # ---------------------------------------------------------------------------
 
 
-def create(out_dir: Path = BACKUP_DIR, progress=print) -> Path:
-    """One archive of everything; returns its path. A failure removes the
-    partial file and changes nothing else."""
+def create(out_dir: Path = BACKUP_DIR, progress=print, encrypt_to: str = "") -> Path:
+    """One archive of everything; returns its path. With *encrypt_to* (age or
+    SSH public keys), also an encrypted copy of it, PATH.age. A failure
+    removes the partial file and changes nothing else."""
     t0 = time.time()
     out_dir = Path(out_dir)
+    if encrypt_to:
+        encryption.recipients(encrypt_to)   # a bad key stops here, before any work
     pg = _postgres_container()
     revisions = schema_revisions(pg)
     s3, bucket = objectstore.s3_client(), objectstore.bucket_name()
@@ -190,6 +193,11 @@ def create(out_dir: Path = BACKUP_DIR, progress=print) -> Path:
         raise
     progress("backup written: %s (%s, %d files, %s)" % (final.name, human(final.stat().st_size),
                                                        len(w.members), _took(t0)))
+    if encrypt_to:
+        t1 = time.time()
+        enc = encryption.encrypt_copy(final, encrypt_to)
+        progress("encrypted copy written: %s (age, to %s; %s)"
+                 % (enc.name, encryption.normalize(encrypt_to)[:60], _took(t1)))
     return final
 
 
@@ -413,6 +421,9 @@ def add_parser(sub):
     b = sub.add_parser("backup", help="Back up the whole platform into one archive.",
                        description="Run in the stack's maintenance container (fab backup does).")
     b.add_argument("--out-dir", default=str(BACKUP_DIR))
+    b.add_argument("--encrypt-to", default=os.environ.get("MFS_BACKUP_ENCRYPT_TO", ""),
+                   help="also write an age-encrypted copy for these recipients (age1... or SSH "
+                        "public keys, comma-separated; default: MFS_BACKUP_ENCRYPT_TO)")
     b.set_defaults(func=cmd_backup)
     r = sub.add_parser("restore", help="Load a backup archive into the stack.",
                        description="Run in a one-off maintenance container while postgres and "
@@ -434,7 +445,8 @@ def _flush_print(line):
 
 def cmd_backup(args):
     return _exit_code("backup failed: ",
-                      lambda: create(Path(args.out_dir), progress=_flush_print))
+                      lambda: create(Path(args.out_dir), progress=_flush_print,
+                                     encrypt_to=args.encrypt_to))
 
 
 def cmd_restore(args):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from . import archive
+from . import archive, encryption
 from .errors import ExitCode, ServicesError
 
 ACTIONS = ("logs", "metadata", "backups")
@@ -66,6 +66,7 @@ class Settings:
     backup_keep: int = 7
     heartbeat: Path = Path("/tmp/maintenance-heartbeat")
     interval: float = 60.0                 # seconds between checks for what is due
+    backup_encrypt_to: str = ""            # age/SSH public keys: also write NAME.age
 
     @classmethod
     def from_env(cls, env=None) -> "Settings":
@@ -78,6 +79,7 @@ class Settings:
             backup_schedule=env.get("MFS_BACKUP_SCHEDULE", "").strip(),
             backup_dir=Path(env.get("MFS_BACKUP_DIR") or cls.backup_dir),
             backup_keep=_int(env, "MFS_BACKUP_KEEP", cls.backup_keep),
+            backup_encrypt_to=env.get("MFS_BACKUP_ENCRYPT_TO", "").strip(),
             heartbeat=Path(env.get("MFS_MAINTENANCE_HEARTBEAT") or cls.heartbeat),
         )
         # Refuse a bad schedule at start, not silently at 02:00.
@@ -207,7 +209,11 @@ def prune_backups(dir: Path, keep: int) -> list[Path]:
     than a day (left by a crash; a younger one may still be being written).
     Returns what was removed."""
     removed = backups(dir)[max(keep, 0):]
-    removed += [p for p in Path(dir).glob(PARTIAL_GLOB) if _mtime(p) < time.time() - DAY]
+    # A backup's encrypted copy goes with it.
+    removed += [p.with_name(p.name + encryption.SUFFIX) for p in removed
+                if p.with_name(p.name + encryption.SUFFIX).exists()]
+    removed += [p for glob in (PARTIAL_GLOB, PARTIAL_GLOB.replace(".partial", ".age.partial"))
+                for p in Path(dir).glob(glob) if _mtime(p) < time.time() - DAY]
     for p in removed:
         p.unlink(missing_ok=True)
     return removed
@@ -343,7 +349,8 @@ def _actions(settings, backup_fn):
             _touch(settings.heartbeat)  # a long backup is not a hung loop
 
         settings.backup_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = create(settings.backup_dir, progress=progress)
+        path = create(settings.backup_dir, progress=progress,
+                      encrypt_to=settings.backup_encrypt_to)
         removed = prune_backups(settings.backup_dir, settings.backup_keep)
         return "backup: wrote %s (%s); removed %d old backup file(s), keeping the newest %d" % (
             path, mb(Path(path).stat().st_size), len(removed), settings.backup_keep)

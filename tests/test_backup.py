@@ -173,3 +173,67 @@ def test_a_backup_from_a_newer_airflow_schema_is_refused():
     assert len(problems) == 1
     assert "f00dfeedbeef" in problems[0] and "newer" in problems[0]
     assert "apache/airflow:9.0.0" in problems[0]
+
+
+# -- encrypted copies (backup.encrypt_to, fab restore --identity) ------------
+
+
+def _keys(tmp_path):
+    """An age identity file and an SSH key pair, as a user would have them."""
+    import subprocess
+
+    import pyrage
+
+    ident = pyrage.x25519.Identity.generate()
+    (tmp_path / "age.key").write_text("# public key: %s\n%s\n" % (ident.to_public(), ident))
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ana@laptop #1",
+                    "-f", str(tmp_path / "id_ed25519")], check=True)
+    return str(ident.to_public()), (tmp_path / "id_ed25519.pub").read_text().strip()
+
+
+def test_an_encrypted_copy_opens_with_any_recipients_key_only(tmp_path):
+    from metaflow_services import encryption
+
+    age_pub, ssh_pub = _keys(tmp_path)
+    path = make_archive(tmp_path)
+    sealed = encryption.encrypt_copy(path, "%s, %s" % (age_pub, ssh_pub))
+    assert sealed.name == path.name + ".age" and encryption.is_encrypted(sealed)
+    assert oct(sealed.stat().st_mode & 0o777) == "0o600"
+    assert b"data/flows/a.txt" in path.read_bytes()
+    assert b"data/flows/a.txt" not in sealed.read_bytes()    # nothing readable inside
+    for key in ("age.key", "id_ed25519"):
+        out = encryption.decrypt(sealed, tmp_path / key, tmp_path / ("out-" + key))
+        assert out.read_bytes() == path.read_bytes()
+        assert archive.verify(out)["counts"] == archive.verify(path)["counts"]
+    other = tmp_path / "other"
+    other.mkdir()
+    _keys(other)
+    with pytest.raises(archive.BackupError) as e:
+        encryption.decrypt(sealed, other / "age.key", tmp_path / "nope")
+    assert str(e.value) == "%s does not open %s: it was encrypted to another key" % (
+        other / "age.key", sealed.name)
+    assert not (tmp_path / "nope").exists()
+
+
+def test_recipients_are_checked_and_ssh_comments_dropped(tmp_path):
+    from metaflow_services import encryption
+
+    age_pub, ssh_pub = _keys(tmp_path)
+    # The comment ("ana@laptop #1") could break the .env line it goes into.
+    assert encryption.normalize(ssh_pub) == " ".join(ssh_pub.split()[:2])
+    assert len(encryption.recipients("%s\n%s" % (age_pub, ssh_pub))) == 2
+    for bad, says in (("age1notakey", "invalid"), ("ssh-dss AAAAB3", "expected an age public key"),
+                      ("", "no encryption recipient given"),
+                      ("AGE-SECRET-KEY-1QQQ", "expected an age public key")):
+        with pytest.raises(archive.BackupError, match=says):
+            encryption.recipients(bad)
+    # A passphrase-protected SSH key says how to use it.
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "pw", "-f",
+                    str(tmp_path / "locked")], check=True)
+    with pytest.raises(archive.BackupError, match="ssh-keygen -p"):
+        encryption.identities(tmp_path / "locked")
+    (tmp_path / "empty.key").write_text("# nothing\n")
+    with pytest.raises(archive.BackupError, match="holds no age identity"):
+        encryption.identities(tmp_path / "empty.key")

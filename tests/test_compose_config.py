@@ -193,6 +193,20 @@ def test_environment_builds_get_the_packages_options(tmp_path, full):
         assert mounts["/etc/mfs/packages"]["read_only"], name
 
 
+def test_scheduled_backups_get_the_encryption_recipients(tmp_path):
+    """backup.encrypt_to reaches the maintenance service whole: an SSH key
+    (with a space) survives .env, its comment (which may hold '#') left out."""
+    import pyrage
+
+    age_pub = str(pyrage.x25519.Identity.generate().to_public())
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ana@laptop #work",
+                    "-f", str(tmp_path / "key")], check=True)
+    ssh_pub = (tmp_path / "key.pub").read_text().strip()
+    _, _, cfg = render(tmp_path, **{"backup.encrypt_to": "%s,%s" % (age_pub, ssh_pub)})
+    assert cfg["services"]["maintenance"]["environment"]["MFS_BACKUP_ENCRYPT_TO"] == \
+        "%s,%s" % (age_pub, " ".join(ssh_pub.split()[:2]))
+
+
 def test_the_flow_watcher_compiles_flows_into_the_dags_folder(full):
     o, secrets, cfg = full
     w = cfg["services"]["flow-watcher"]

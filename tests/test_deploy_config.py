@@ -64,6 +64,8 @@ def test_file_then_flags(tmp_path):
     ("packages:\n  trusted_hosts: https://pypi.example.com\n",
      "packages.trusted_hosts: expected host names (host or host:port, comma-separated), "
      "found 'https://pypi.example.com'"),
+    ("backup:\n  encrypt_to: age1notakey\n",
+     "backup.encrypt_to: encryption recipient 'age1notakey' is not usable"),
     ("packages:\n  ca_bundle: /nonexistent-ca.pem\n",
      "packages.ca_bundle: no such file on this workstation: /nonexistent-ca.pem"),
     ("- a\n- b\n", "expected a mapping of options at the top level"),

@@ -122,6 +122,11 @@ def test_backups_newest_first_and_pruned_to_keep(tmp_path):
     old_partial = write(tmp_path / (backup_name(utc("2026-02-01 02:00:00")) + ".partial"),
                         age_days=2)
     new_partial = write(tmp_path / (backup_name(utc("2026-03-06 02:00:00")) + ".partial"))
+    # Encrypted copies (backup.encrypt_to) go with their backup.
+    old_copy = write(tmp_path / (backup_name(utc("2026-03-01 02:00:00")) + ".age"))
+    kept_copy = write(tmp_path / (backup_name(utc("2026-03-05 02:00:00")) + ".age"))
+    old_copy_partial = write(tmp_path / (backup_name(utc("2026-02-01 02:00:00")) + ".age.partial"),
+                             age_days=2)
 
     assert [p.name for p in backups(tmp_path)] == [
         backup_name(utc("2026-03-0%d 02:00:00" % d)) for d in (5, 4, 3, 2, 1)]
@@ -129,7 +134,9 @@ def test_backups_newest_first_and_pruned_to_keep(tmp_path):
     removed = prune_backups(tmp_path, 2)
 
     assert sorted(p.name for p in removed) == sorted(
-        [backup_name(utc("2026-03-0%d 02:00:00" % d)) for d in (1, 2, 3)] + [old_partial.name])
+        [backup_name(utc("2026-03-0%d 02:00:00" % d)) for d in (1, 2, 3)]
+        + [old_partial.name, old_copy.name, old_copy_partial.name])
+    assert kept_copy.exists() and not old_copy.exists()
     assert [p.name for p in backups(tmp_path)] == [
         backup_name(utc("2026-03-0%d 02:00:00" % d)) for d in (5, 4)]
     assert new_partial.exists() and not old_partial.exists()
@@ -233,7 +240,7 @@ class FakeBackup:
         self.clock, self.failures, self.heartbeat = clock, failures, heartbeat
         self.calls = []
 
-    def __call__(self, out_dir, progress=print):
+    def __call__(self, out_dir, progress=print, encrypt_to=""):
         self.calls.append(self.clock())
         if self.heartbeat:  # progress touches the heartbeat: a long backup is not a hang
             age(self.heartbeat, 1)

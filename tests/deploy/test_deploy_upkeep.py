@@ -219,24 +219,39 @@ def test_backup_writes_one_checked_archive_and_copies_it_here(stack, tmp_path_fa
     lab.results["metaflow_runs"] = metadata_runs(lab)
     assert lab.results["metaflow_runs"] and ui_runs(lab) == lab.results["metaflow_runs"]
     here = tmp_path_factory.mktemp("backups")
-    with _timed("fab backup --to (small stack)"):
-        res = lab.fab("backup", "--to", str(here))
+    key, other = age_identity(here / "restore.key"), age_identity(here / "wrong.key")
+    with _timed("fab backup --to --encrypt-to (small stack)"):
+        res = lab.fab("backup", "--to", str(here), "--encrypt-to", key)
     (CACHE / "backup.log").write_text(str(res))
     assert res.returncode == 0, str(res)
     out = res.output
     for part in ("postgres: airflow", "postgres: metaflow", "bucket metaflow:",
                  "volume airflow-logs:", "dags folder:", "configuration: secrets",
-                 "backup written:", "checksum matches"):
+                 "backup written:", "encrypted copy written:", "checksum matches"):
         assert part in out, part
     # Never the secrets' values, though the archive holds them.
     for name in ("MFS_POSTGRES_PASSWORD", "MFS_S3_SECRET_KEY", "MFS_AIRFLOW_PASSWORD_ADMIN"):
         assert lab.secret(name) not in out
+    # The plain archive stays in the VM's private folder; only its encrypted
+    # copy came here.
     on_vm = lab.sh("ls %s" % BACKUP_DIR).split()
-    assert len(on_vm) == 1 and on_vm[0].startswith(archive.PREFIX)
-    assert lab.sh("stat -c '%%a %%U' %s %s/%s" % (BACKUP_DIR, BACKUP_DIR, on_vm[0])).split() == \
-        ["700", "root", "600", "root"]
-    local = here / on_vm[0]
-    assert stat.S_IMODE(local.stat().st_mode) == 0o600
+    assert len(on_vm) == 2 and on_vm[0].startswith(archive.PREFIX), on_vm
+    assert on_vm[1] == on_vm[0] + ".age", on_vm
+    assert lab.sh("stat -c '%%a %%U' %s %s/%s %s/%s" % (
+        BACKUP_DIR, BACKUP_DIR, on_vm[0], BACKUP_DIR, on_vm[1])).split() == \
+        ["700", "root", "600", "root", "600", "root"]
+    assert sorted(p.name for p in here.iterdir()) == sorted([on_vm[1], "restore.key",
+                                                             "wrong.key"])
+    sealed = here / on_vm[1]
+    assert stat.S_IMODE(sealed.stat().st_mode) == 0o600
+    assert sealed.read_bytes()[:22] == b"age-encryption.org/v1\n"
+    assert lab.secret("MFS_POSTGRES_PASSWORD").encode() not in sealed.read_bytes()
+    lab.results.update(sealed=sealed, identity=here / "restore.key",
+                       wrong_identity=here / "wrong.key")
+    # What a recipient's key opens is the archive itself.
+    from metaflow_services import encryption
+
+    local = encryption.decrypt(sealed, here / "restore.key", here.parent / on_vm[0])
     manifest = archive.verify(local)
     members = manifest["members"]
     assert {"postgres/airflow.dump", "postgres/metaflow.dump", "config/secrets.env",
@@ -262,9 +277,40 @@ def test_backup_writes_one_checked_archive_and_copies_it_here(stack, tmp_path_fa
     assert on_vm[0] in res.output and "no backup on the VM yet" not in res.output
 
 
+def age_identity(path: Path) -> str:
+    """A new age identity in *path* (0600, as age-keygen writes it); returns
+    its public key."""
+    import os
+
+    import pyrage
+
+    identity = pyrage.x25519.Identity.generate()
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# public key: %s\n%s\n" % (identity.to_public(), identity))
+    return str(identity.to_public())
+
+
 # ---------------------------------------------------------------------------
 # Restore refusals (before the VM is replaced)
 # ---------------------------------------------------------------------------
+
+
+def test_restore_of_an_encrypted_backup_needs_the_right_key(stack):
+    lab = stack
+    sealed = lab.results["sealed"]
+    with untouched(lab):
+        wrong = lab.fab("restore", str(sealed), "--identity", str(lab.results["wrong_identity"]),
+                        "--bundle", str(lab.bundle))
+        none = lab.fab("restore", str(sealed), "--bundle", str(lab.bundle))
+    assert wrong.returncode != 0, str(wrong)
+    assert "restore refused: %s does not open %s: it was encrypted to another key" % (
+        lab.results["wrong_identity"], sealed.name) in wrong.output, wrong.output
+    assert "nothing on the VM was touched" in wrong.output
+    assert none.returncode != 0 and "is encrypted (age)" in none.output, str(none)
+    assert "give --identity FILE" in none.output
+    # No decrypted leftovers next to the encrypted copy.
+    assert not [p for p in sealed.parent.iterdir() if p.name.startswith(".mfs-restore-")]
 
 
 def test_restore_refuses_a_corrupted_archive_without_touching_the_vm(stack, tmp_path):
@@ -402,7 +448,9 @@ def test_upgrade_to_a_new_airflow_build(stack):
         assert run_state(lab, "LongFlow", lab.results["drained_run"]) == "success"
     assert re.search(r"airflow +mfs-airflow:test -> %s" % NEXT, out)
     assert "backup before the upgrade" in out and "smoke test" in out
-    assert len(lab.sh("ls %s" % BACKUP_DIR).split()) == 2        # one more, taken first
+    # One more (taken first; not encrypted: the VM has no backup.encrypt_to),
+    # next to the encrypted backup and its plain archive.
+    assert len(lab.sh("ls %s" % BACKUP_DIR).split()) == 3
     lab.wait_healthy(timeout=120)
     assert set(airflow_images(lab).values()) == {NEXT}
     assert_first_run_intact(lab)
@@ -448,10 +496,14 @@ def test_restore_onto_a_new_bare_vm(stack):
     assert lab.vm.run("command -v docker", check=False).returncode != 0
 
     with _timed("fab restore onto a bare VM (bundle)"):
-        res = lab.fab("restore", str(lab.results["backup"]), "--bundle", str(lab.bundle))
+        res = lab.fab("restore", str(lab.results["sealed"]), "--identity",
+                      str(lab.results["identity"]), "--bundle", str(lab.bundle))
     (CACHE / "restore.log").write_text(str(res))
     assert res.returncode == 0, str(res)
     out = res.output
+    assert "decrypted into" in out and "removed afterwards" in out
+    assert not [p for p in lab.results["sealed"].parent.iterdir()
+                if p.name.startswith(".mfs-restore-")]
     assert "no deployment and no data on the VM: a fresh VM" in out
     assert "postgres: airflow restored" in out and "bucket metaflow:" in out
     assert "ok   smoke-test" in out

@@ -1,0 +1,133 @@
+"""What an attacker on the network meets on the deployed default stack
+(issue 16's security module; the logins themselves are in test_deploy_stack
+and test_deploy_metaflow): the S3 endpoint without or with wrong keys,
+Airflow tokens that are forged or expired, old TLS versions on every
+published port, and the files that hold secrets on the VM.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+
+import pytest
+import requests
+
+from deploylab import INSTALL_DIR, VM_IP
+
+pytestmark = pytest.mark.deploy
+
+PORTS = {"https": 443, "metaflow": 8443, "s3": 9000}
+BACKUP_DIR = "/var/backups/metaflow-services"
+
+
+def s3_client(lab, key=None, secret=None, unsigned=False):
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    cfg = Config(s3={"addressing_style": "path"}, signature_version=UNSIGNED if unsigned
+                 else "s3v4", retries={"max_attempts": 1})
+    return boto3.client("s3", endpoint_url="https://%s:9000" % VM_IP, verify=lab.ca,
+                        region_name="us-east-1", config=cfg,
+                        aws_access_key_id=key or "x", aws_secret_access_key=secret or "x")
+
+
+def test_the_object_store_refuses_anonymous_and_wrong_keys(deployed, lab):
+    from botocore.exceptions import ClientError
+
+    real = lab.s3()
+    existing = real.list_objects_v2(Bucket="metaflow", MaxKeys=1)["Contents"][0]["Key"]
+    probe = "metaflow/security-probe-%s" % uuid.uuid4().hex
+    clients = {"anonymous": s3_client(lab, unsigned=True),
+               "wrong secret": s3_client(lab, lab.secret("MFS_S3_ACCESS_KEY"), "wrong"),
+               "unknown key": s3_client(lab, "AKIAEXAMPLE", lab.secret("MFS_S3_SECRET_KEY"))}
+    for who, c in clients.items():
+        for what, call in (("list", lambda: c.list_objects_v2(Bucket="metaflow")),
+                           ("get", lambda: c.get_object(Bucket="metaflow", Key=existing)),
+                           ("put", lambda: c.put_object(Bucket="metaflow", Key=probe,
+                                                        Body=b"x")),
+                           ("list buckets", lambda: c.list_buckets())):
+            with pytest.raises(ClientError) as e:
+                call()
+            assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] in (401, 403), \
+                (who, what, e.value.response)
+    with pytest.raises(ClientError):
+        real.head_object(Bucket="metaflow", Key=probe)      # nothing was written
+
+
+def _token_claims(lab):
+    import jwt
+
+    token = lab.airflow_token().json()["access_token"]
+    header = jwt.get_unverified_header(token)
+    return token, header, jwt.decode(token, options={"verify_signature": False})
+
+
+def test_airflow_refuses_forged_and_expired_tokens(deployed, lab):
+    import jwt
+
+    url = "https://%s/api/v2/dags" % VM_IP
+    token, header, claims = _token_claims(lab)
+    get = lambda t: requests.get(url, headers={"Authorization": "Bearer %s" % t},  # noqa: E731
+                                 verify=lab.ca, timeout=30).status_code
+    assert get(token) == 200                                 # the real one works
+    alg = header["alg"]
+    forged = jwt.encode(dict(claims, sub=claims["sub"]), "not-the-secret", algorithm=alg)
+    assert get(forged) == 401
+    # A stolen token past its expiry: the same claims and the deployment's
+    # own signing secret, only the times moved into the past.
+    now = int(time.time())
+    expired = jwt.encode(dict(claims, iat=now - 7200, nbf=now - 7200, exp=now - 3600),
+                         lab.secret("MFS_AIRFLOW_JWT_SECRET"), algorithm=alg,
+                         headers={k: v for k, v in header.items() if k not in ("alg", "typ")})
+    assert get(expired) == 401
+    assert get(token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")) == 401
+    assert get("") == 401
+
+
+def _handshake(port, version):
+    """openssl s_client offering exactly *version* (the client side allows
+    old versions: SECLEVEL=0), so a failure is the server's refusal."""
+    flag = {"1.0": "-tls1", "1.1": "-tls1_1", "1.2": "-tls1_2", "1.3": "-tls1_3"}[version]
+    proc = subprocess.run(["openssl", "s_client", "-connect", "%s:%d" % (VM_IP, port), flag,
+                           "-cipher", "DEFAULT:@SECLEVEL=0", "-servername", VM_IP],
+                          input="", capture_output=True, text=True, timeout=30,
+                          # No system-wide minimum: this machine's client must offer it.
+                          env={"PATH": "/usr/bin:/bin", "OPENSSL_CONF": "/dev/null"})
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(PORTS))
+def test_only_tls_1_2_and_1_3_are_offered(deployed, lab, name):
+    port = PORTS[name]
+    for version in ("1.2", "1.3"):
+        rc, out = _handshake(port, version)
+        assert rc == 0 and "New, TLSv%s, Cipher is " % version in out, \
+            (name, version, out[-800:])
+    for version in ("1.0", "1.1"):
+        rc, out = _handshake(port, version)
+        assert rc != 0, (name, version, out[-800:])
+        # The server said no (its alert), not this client.
+        assert "alert protocol version" in out, (name, version, out[-800:])
+
+
+def test_every_file_that_holds_a_secret_is_root_only(deployed, lab):
+    listing = lab.sh(
+        "cd %s && for f in secrets.env .env tls/key.pem; do stat -c '%%n %%a %%U' $f; done; "
+        "stat -c '%%n %%a %%u' state/airflow-auth/passwords.json; "
+        "stat -c '%%n %%a %%U' %s" % (INSTALL_DIR, BACKUP_DIR)).splitlines()
+    modes = {line.split()[0]: line.split()[1:] for line in listing}
+    for name in ("secrets.env", ".env", "tls/key.pem"):
+        assert modes[name] == ["600", "root"], (name, modes[name])
+    assert modes["state/airflow-auth/passwords.json"] == ["600", "50000"]
+    assert modes[BACKUP_DIR] == ["700", "root"]
+    # Nothing under the install folder is world-readable that holds a secret.
+    secrets = [line.split("=", 1)[1] for line in lab.sh(
+        "cat %s/secrets.env" % INSTALL_DIR).splitlines() if "=" in line]
+    readable = lab.sh("find %s -type f -perm -o+r" % INSTALL_DIR).split()
+    leaked = [f for f in readable
+              if any(v in (lab.vm.root / f.lstrip("/")).read_text(errors="replace")
+                     for v in secrets if len(v) >= 16)]
+    assert leaked == [], leaked
