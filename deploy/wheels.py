@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from metaflow_services import watcher, wheelhouse
+from metaflow_services import images, watcher, wheelhouse
+from metaflow_services.config import Settings
 
 from .config import Options
 from .remote import DeployError
@@ -62,13 +63,15 @@ def flow_environments(path: Path) -> list:
 
 
 def _pip_options(o: Options, ca_in_container) -> list:
+    """Where `pip wheel` downloads from: the same options the VMs' builds
+    get from packages.* (images.pip_sources), with the CA inside the
+    container."""
     p = o.packages
-    args = ["--index-url", p.index_url] if p.index_url else []
-    if p.extra_index_url:
-        args += ["--extra-index-url", p.extra_index_url]
-    for host in filter(None, p.trusted_hosts.replace(",", " ").split()):
-        args += ["--trusted-host", host]
-    return args + (["--cert", ca_in_container] if ca_in_container else [])
+    settings = Settings(pip_index_url=p.index_url or None,
+                        pip_extra_index_url=p.extra_index_url or None,
+                        pip_trusted_host=p.trusted_hosts or None)
+    return images.pip_sources(settings, wheels=False) + (
+        ["--cert", ca_in_container] if ca_in_container else [])
 
 
 def make_wheelhouse(o: Options, step_image: str, folder: Path, work: Path, out) -> dict:
@@ -147,7 +150,7 @@ def _pip_wheel(o: Options, image, env, dest: Path) -> list:
     r = _docker("run", "--rm", "--user", "%d:%d" % (os.getuid(), os.getgid()), "-e", "HOME=/tmp",
                 *mounts, "--entrypoint", "", image, "python3", "-m", "pip", "wheel",
                 "--no-cache-dir", "--disable-pip-version-check", "--progress-bar", "off",
-                "--retries", "2", *_pip_options(o, ca), "-w", "/out",
+                *_pip_options(o, ca), "-w", "/out",
                 "-r", "/out/requirements.txt")
     (dest / "requirements.txt").unlink()
     if r.returncode != 0:
