@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass
 
 from . import objectstore
+from .airflow_client import airflow_url
 
 
 @dataclass
@@ -191,29 +192,6 @@ def job_alive(job_type, max_age=90) -> Check:
         return Check("job", False, "no running %s on %s" % (job_type, hostname))
     ok = float(age) <= max_age
     return Check("job", ok, "%s on %s: last heartbeat %.0fs ago" % (job_type, hostname, age))
-
-
-def airflow_url():
-    return _env("MFS_AIRFLOW_INTERNAL_URL", "http://airflow-api-server:8080").rstrip("/")
-
-
-class AirflowClient:
-    def __init__(self, user, password, url=None):
-        import requests
-
-        self.url = url or airflow_url()
-        self.session = requests.Session()
-        r = requests.post(self.url + "/auth/token", json={"username": user, "password": password},
-                          timeout=30)
-        if r.status_code >= 400:
-            raise RuntimeError("Airflow login as %s failed: HTTP %d" % (user, r.status_code))
-        self.session.headers["Authorization"] = "Bearer " + r.json()["access_token"]
-
-    def request(self, method, path, **kw):
-        r = self.session.request(method, self.url + path, timeout=30, **kw)
-        if r.status_code >= 400:
-            raise RuntimeError("%s %s: HTTP %d %s" % (method, path, r.status_code, r.text[:300]))
-        return r.json() if r.content else {}
 
 
 def last_runs(client, limit=5):

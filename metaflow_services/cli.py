@@ -42,6 +42,9 @@ def main(argv=None):
     from .backup import add_parser as add_backup_parser
 
     add_backup_parser(sub)
+    from .events import add_parser as add_publish_parser
+
+    add_publish_parser(sub)
     from .workers import add_parser as add_sync_parser
 
     add_sync_parser(sub)
@@ -136,26 +139,10 @@ def cmd_images(args):
 
 
 def cmd_prune_images(args):
-    import ast
-
     from .images import list_environment_images, referenced_tags
-    from .spec import normalize
+    from .spec import read_specs
 
-    specs = []
-    # os.walk, not glob: the generated DAG files are in a hidden folder.
-    paths = [os.path.join(d, f) for d, _, files in os.walk(args.dags_folder)
-             for f in files if f.endswith(".py")]
-    for path in paths:
-        try:
-            tree = ast.parse(open(path).read())
-        except (OSError, SyntaxError):
-            continue
-        for node in tree.body:
-            if (isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "SPEC"):
-                try:
-                    specs.append(normalize(ast.literal_eval(node.value)))
-                except (ValueError, KeyError, TypeError):
-                    pass
+    specs = read_specs(args.dags_folder)
     client, settings = _docker_and_settings()
     keep = referenced_tags(specs, settings)
     removed = 0

@@ -28,9 +28,10 @@ from metaflow import current
 from . import __version__, routing
 from .refusals import (CompileError, refuse_flow_decorators,
                        refuse_required_parameters_on_schedule)
-from .run_inputs import (config_value, parameters, project, run_user, schedule,
-                         top_level_options, validated_tags)
-from .spec import SPEC_VERSION, foreach_groups_root, render_dag_file, write_atomic
+from .run_inputs import (config_value, finish_event, parameters, project, run_user,
+                         schedule, top_level_options, triggers, validated_tags)
+from .spec import SPEC_VERSION, foreach_groups_root, read_specs, render_dag_file, write_atomic
+from .triggers import TriggerCycle, check_triggers
 from .step_spec import read_requirements, step_spec
 
 _DAG_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,250}$")
@@ -49,6 +50,7 @@ def create_dag(obj, out, options: CompileOptions, as_json=False):
     """The ``airflow3 create`` command: check, build the spec, upload, write."""
     flow_name = obj.flow.name
     spec = build_spec(obj, options)  # refusals happen here, before any upload
+    _check_trigger_graph(spec, out)
 
     say("Uploading the code package of %s ..." % flow_name)
     spec["package"] = upload_package(obj)
@@ -73,7 +75,13 @@ def create_dag(obj, out, options: CompileOptions, as_json=False):
     say("DAG %s for flow %s written to %s" % (spec["dag_id"], flow_name, os.path.abspath(path)))
     if spec["schedule"]:
         say("Schedule: %s (%s)" % (spec["schedule"]["cron"], spec["schedule"]["timezone"] or "UTC"))
-    else:
+    if spec["triggers"]:
+        whens = (["event %s is published" % e["name"] for e in spec["triggers"]["events"]]
+                 + ["a run of %s succeeds" % f["name"][len("metaflow."):-len(".end")]
+                    for f in spec["triggers"]["flows"]])
+        say("Runs when %s%s." % (" and ".join(whens), " (all of them, each since the "
+                                 "last run)" if len(whens) > 1 else ""))
+    elif not spec["schedule"]:
         say("No @schedule: trigger runs from the Airflow UI or its REST API.")
     envs = {json.dumps(s["environment"], sort_keys=True) for s in spec["steps"].values()
             if s.get("environment")}
@@ -81,6 +89,23 @@ def create_dag(obj, out, options: CompileOptions, as_json=False):
         say("%d step environment(s) from @pypi/@conda/requirements.txt: each is built into "
             "an image on the worker the first time a step needs it." % len(envs))
     return summary
+
+
+def _check_trigger_graph(spec, out):
+    """Refuse a cycle of @trigger_on_finish through the flows already
+    deployed next to this one, and say which flows it waits for that are not
+    deployed (the DAG is still written: they may come later)."""
+    if not spec["triggers"]:
+        return
+    folder = os.environ.get("MFS_DEPLOYED_DAGS") or (out if os.path.isdir(out) else None)
+    deployed = read_specs(folder) if folder else []
+    try:
+        missing = check_triggers(spec, deployed)
+    except TriggerCycle as e:
+        raise CompileError("Flow %s: %s" % (spec["flow"]["name"], e))
+    for name in missing:
+        say("Warning: no deployed flow emits %s yet: this DAG runs once a flow with that "
+            "name (project and branch) is deployed here and succeeds." % name)
 
 
 def flow_environments(obj) -> dict:
@@ -129,6 +154,7 @@ def build_spec(obj, options: CompileOptions) -> dict:
         s["group"] = foreach_groups_root(s["foreach_stack"])
 
     user = run_user(flow_name)
+    params = parameters(flow_name, flow)
     spec = {
         "spec_version": SPEC_VERSION,
         "generator": "metaflow-services %s" % __version__,
@@ -143,11 +169,13 @@ def build_spec(obj, options: CompileOptions) -> dict:
         "user": user,
         "tags": validated_tags(flow_name, options.tags),
         "top_level_options": top_level_options(flow),
-        "parameters": parameters(flow_name, flow),
+        "parameters": params,
         "config_value": config_value(flow),
         "schedule": schedule(flow_name, flow),
         "image": options.image,
         "pool": options.pool,
+        "triggers": triggers(flow_name, flow, params),
+        "finish_event": finish_event(),
         "start_step": graph.start_step,
         "end_step": graph.end_step,
         "steps": steps,

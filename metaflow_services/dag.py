@@ -20,6 +20,8 @@ import os
 
 from airflow.sdk import (
     DAG,
+    Asset,
+    AssetOrTimeSchedule,
     BaseOperator,
     BaseOperatorLink,
     CronTriggerTimetable,
@@ -29,6 +31,7 @@ from airflow.sdk import (
 
 from .routing import queues_from_env, route
 from .spec import SPEC_VERSION, normalize, run_id_for
+from .triggers import asset_kwargs, listened_events
 
 # A fixed, timezone-aware start date: Airflow 3 needs one for scheduled DAGs,
 # and `now()` would change on every parse.
@@ -93,7 +96,7 @@ def build_dag(spec: dict) -> DAG:
     dag = DAG(
         dag_id=spec["dag_id"],
         description=(flow["doc"].splitlines() or ["Metaflow flow %s" % flow["name"]])[0][:200],
-        schedule=_schedule(spec["schedule"]),
+        schedule=_schedule(spec["schedule"], listened_events(spec)),
         start_date=START_DATE,
         catchup=False,
         params={p["name"]: _param(p) for p in spec["parameters"]},
@@ -146,6 +149,9 @@ def _operator(spec, name, queues, group=None):
         kwargs["map_index_template"] = "{{ mfs_label }}"
     if spec.get("pool"):
         kwargs["pool"] = spec["pool"]
+    if name == spec["end_step"] and spec.get("finish_event"):
+        # A successful run emits its finish event (flows with @trigger_on_finish).
+        kwargs["outlets"] = [Asset(**asset_kwargs(spec["finish_event"]))]
     return MetaflowStepOperator(
         task_id=name,
         mfs_spec=spec,
@@ -181,10 +187,14 @@ def _param(p):
     return Param(None, **kwargs)
 
 
-def _schedule(schedule):
-    if not schedule:
-        return None
-    return CronTriggerTimetable(schedule["cron"], timezone=schedule["timezone"] or "UTC")
+def _schedule(schedule, events):
+    """@schedule's cron, the events of @trigger/@trigger_on_finish (a list of
+    assets: all of them), or either (Metaflow deploys both)."""
+    cron = schedule and CronTriggerTimetable(schedule["cron"], timezone=schedule["timezone"] or "UTC")
+    assets = [Asset(**asset_kwargs(name)) for name in events]
+    if cron and assets:
+        return AssetOrTimeSchedule(timetable=cron, assets=assets)
+    return assets or cron or None
 
 
 def _doc(spec):
@@ -205,6 +215,11 @@ def _doc(spec):
     if spec["schedule"]:
         lines.append("* Schedule: `%s` (%s), from `@schedule`"
                      % (spec["schedule"]["cron"], spec["schedule"]["timezone"] or "UTC"))
+    for name in listened_events(spec):
+        lines.append("* Runs when `%s` happens (`@trigger`/`@trigger_on_finish`; all of the "
+                     "listed events)" % name)
+    if spec.get("finish_event"):
+        lines.append("* A successful run emits the asset event `%s`" % spec["finish_event"])
     ui = (os.environ.get("MFS_METAFLOW_UI_URL") or "").rstrip("/")
     if ui:
         lines.append("* [This flow's runs in the Metaflow UI](%s/?flow_id=%s); each task "

@@ -24,7 +24,8 @@ import os
 import sys
 from dataclasses import asdict
 
-from .checks import (AirflowClient, Check, check_airflow, check_database, check_docker,
+from .airflow_client import AirflowClient
+from .checks import (Check, check_airflow, check_database, check_docker,
                      check_metadata, check_metaflow_ui, check_object_store, job_alive, last_runs,
                      one_line)
 from .smoke import smoke_test

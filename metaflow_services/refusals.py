@@ -20,8 +20,6 @@ _REFUSED_STEP_DECORATORS = {
     "snowpark": "runs the step on Snowpark",
 }
 _REFUSED_FLOW_DECORATORS = {
-    "trigger": "starts runs from external events",
-    "trigger_on_finish": "starts runs when another flow finishes",
     "exit_hook": "runs hooks when the run ends",
 }
 
@@ -49,9 +47,9 @@ def refuse_flow_decorators(flow_name, flow):
     for deco_name, what in _REFUSED_FLOW_DECORATORS.items():
         if decos.get(deco_name):
             raise CompileError(
-                "Flow %s: @%s %s, which needs an event bus that this deployment "
-                "does not have. Remove @%s and start runs from Airflow (a "
-                "@schedule, the Airflow UI, or the REST API)."
+                "Flow %s: @%s %s, which this deployment does not support. Remove "
+                "@%s; to run something after a flow, put it in a flow with "
+                "@trigger_on_finish."
                 % (flow_name, deco_name, what, deco_name)
             )
 

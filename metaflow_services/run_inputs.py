@@ -220,3 +220,95 @@ def normalize_cron(flow_name, expr, user_given=True):
     return cron
 
 
+
+
+def finish_event():
+    """The event this flow's successful runs emit (see triggers.py)."""
+    from .triggers import finish_event_name
+
+    return finish_event_name(current.get("project_flow_name") or current.flow_name)
+
+
+def triggers(flow_name, flow, params):
+    """@trigger and @trigger_on_finish as the spec's "triggers": the events
+    (with the parameters mapped from their payload) and the flows' finish
+    events the DAG is scheduled on; None without either decorator."""
+    decos = getattr(flow, "_flow_decorators", {}) or {}
+    events = _event_triggers(flow_name, decos["trigger"][0], params) if decos.get("trigger") else []
+    flows = _finish_triggers(flow_name, decos["trigger_on_finish"][0]) \
+        if decos.get("trigger_on_finish") else []
+    if not events and not flows:
+        return None
+    names = [e["name"] for e in events] + [f["name"] for f in flows]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise CompileError("Flow %s waits for %s more than once (@trigger and "
+                           "@trigger_on_finish name it twice)." % (flow_name, dup[0]))
+    for p in params:
+        mapped = any(p["name"] in e["parameters"] for e in events)
+        if p["required"] and not p["has_default"] and not mapped:
+            raise CompileError(
+                "Flow %s: the parameter %s is required and has no default, but runs start "
+                "from events (@trigger/@trigger_on_finish) that do not set it. Give it a "
+                "default, or map it from an event's payload: @trigger(event={'name': ..., "
+                "'parameters': {'%s': 'FIELD'}})." % (flow_name, p["name"], p["name"]))
+    return {"events": events, "flows": flows}
+
+
+def _event_triggers(flow_name, deco, params):
+    from .triggers import EVENT_NAME_RE, PAYLOAD_FIELD_RE
+
+    try:
+        deco.format_deploytime_value()
+    except MetaflowException as e:
+        raise CompileError("Flow %s: @trigger: %s" % (flow_name, e))
+    known = {p["name"].lower(): p["name"] for p in params}
+    out = []
+    for event in deco.triggers:
+        name = event.get("name")
+        if not isinstance(name, str) or not EVENT_NAME_RE.match(name):
+            raise CompileError(
+                "Flow %s: @trigger event name %r cannot name an Airflow asset: use letters, "
+                "digits, '_', '.' and '-' (at most 200 characters)." % (flow_name, name))
+        mapping = {}
+        for param, fld in (event.get("parameters") or {}).items():
+            if param.lower() not in known:
+                raise CompileError(
+                    "Flow %s: @trigger maps the payload field %r of event %s to the parameter "
+                    "%s, which the flow does not have (parameters: %s)."
+                    % (flow_name, fld, name, param, ", ".join(sorted(known.values())) or "none"))
+            if not PAYLOAD_FIELD_RE.match(fld):
+                raise CompileError(
+                    "Flow %s: @trigger payload field %r (event %s) must be letters, digits "
+                    "and '_'." % (flow_name, fld, name))
+            mapping[known[param.lower()]] = fld
+        out.append({"name": name, "parameters": mapping})
+    # Metaflow: a single event without a mapping sets every parameter whose
+    # name is a field of its payload.
+    if len(out) == 1 and not out[0]["parameters"]:
+        out[0]["parameters"] = {p["name"]: p["name"] for p in params}
+    return out
+
+
+def _finish_triggers(flow_name, deco):
+    """Metaflow's rule: a flow named without project and branch is the one
+    deployed from the same project and branch as this flow."""
+    from .triggers import finish_event_name
+
+    try:
+        deco.format_deploytime_value()
+    except MetaflowException as e:
+        raise CompileError("Flow %s: @trigger_on_finish: %s" % (flow_name, e))
+    out = []
+    for t in deco.triggers:
+        proj = t.get("project") or current.get("project_name")
+        branch = t.get("branch") or current.get("branch_name")
+        if bool(proj) != bool(branch):
+            raise CompileError(
+                "Flow %s: @trigger_on_finish(%s) names a project without a branch (or a "
+                "branch without a project): give both, project.branch.%s, or use @project."
+                % (flow_name, t.get("fq_name"), t["flow"]))
+        fq = ".".join(v for v in (proj, branch, t["flow"]) if v)
+        out.append({"name": finish_event_name(fq), "flow": t["flow"], "project": proj,
+                    "branch": branch})
+    return out

@@ -30,6 +30,8 @@ from .config import ConfigurationError, Settings, datastore_root, task_passthrou
 from .errors import ServicesError
 from .executors import ExecutorError, Launch, container_name, make_executor
 from .spec import PARAMS_TASK_ID, parse_path_key, path_key, run_id_for, task_id_for
+from .triggers import (MissingPayloadField, asset_kwargs, event_parameters, finish_extra,
+                       run_triggers, trigger_metadata)
 
 RESULT_MARKER = "\x1eMFS-RESULT "
 XCOM_KEY = "mfs"
@@ -180,6 +182,7 @@ class StepRun:
                 % (self.ti.try_number, MAX_ATTEMPTS))
         self.attempt = attempt
         self.run_id = run_id_for(self.spec["dag_id"], self.ti.run_id)
+        self.triggers = run_triggers(self.spec, self.context.get("triggering_asset_events"))
         group = self._group()
         planned = plan_tasks(self.spec, self.step, self.run_id, self._pull_upstream(), group)
         self.context["mfs_label"] = self._label(group, planned)
@@ -213,10 +216,33 @@ class StepRun:
                 "splits": o.result.get("foreach_num_splits"),
             }
         self.ti.xcom_push(key=XCOM_KEY, value={"run_id": self.run_id, "tasks": tasks})
+        if self.step == self.spec["end_step"] and self.spec.get("finish_event"):
+            self._emit_finish(tasks[""]["id"])
         if self.s["type"] == "foreach" and not self.s["foreach_stack"]:
             splits = tasks[""]["splits"]
             return split_ranges(splits, _max_map_length())
         return None
+
+    def _emit_finish(self, end_task_id):
+        """The extra of the run's finish event (the end step's outlet), which
+        Airflow records when this task succeeds."""
+        from airflow.sdk import Asset
+
+        asset = Asset(**asset_kwargs(self.spec["finish_event"]))
+        self.context["outlet_events"][asset].extra = finish_extra(self.spec, self.run_id,
+                                                                  end_task_id)
+
+    def _init_params(self):
+        """The run's parameter values: the trigger form / REST conf, or the
+        payload fields @trigger maps from the events that started the run."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        params = dict(self.context.get("params") or {})
+        try:
+            params.update(event_parameters(self.spec, self.triggers))
+        except MissingPayloadField as e:
+            raise AirflowFailException(str(e))
+        return parameter_env(self.spec, params)
 
     def kill(self):
         self._killed.set()
@@ -402,7 +428,7 @@ class StepRun:
             return step_args, None
         return step_args, {
             "args": top + ["init", "--run-id", self.run_id, "--task-id", PARAMS_TASK_ID] + tag_args,
-            "env": parameter_env(spec, self.context.get("params") or {}),
+            "env": self._init_params(),
             # Metaflow marks a finished task with <attempt>.DONE.lock; a
             # retried start must not create a second _parameters task.
             "done_marker": "%s/%s/%s/_parameters/%s/0.DONE.lock"
@@ -442,6 +468,8 @@ class StepRun:
             # @pypi/@conda steps already run inside their environment's image.
             "MFS_PREBUILT_ENVIRONMENTS": "1",
         })
+        if self.triggers:  # current.trigger (the airflow3_internal decorator)
+            env["MFS_TRIGGERS"] = trigger_metadata(self.triggers)
         if self.settings.executor == "docker" and image:
             env["MFS_IMAGE"] = image
             env["MFS_BASE_IMAGE"] = self._base_image()

@@ -12,7 +12,8 @@ import sys
 import tempfile
 import time
 
-from .checks import AirflowClient, Check
+from .airflow_client import AirflowClient
+from .checks import Check
 from .spec import run_id_for
 
 SMOKE_DAG_ID = "metaflow_services_smoke_test"

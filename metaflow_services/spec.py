@@ -22,6 +22,11 @@ Spec, version 1 (all keys always present)::
     image             flow-level image override or None
     pool              Airflow pool of every task, or None (default_pool; files
                       written before this key existed lack it: read with .get)
+    triggers          None | {events: [{name, parameters: {param: payload field}}],
+                       flows: [{name (its finish event), flow, project, branch}]}:
+                      the events the DAG is scheduled on (all of them; .get)
+    finish_event      the event a successful run emits, metaflow.[project.branch.]Flow.end
+                      (.get: older files lack it and emit nothing)
     start_step, end_step
     steps             {name: {type, next, in, foreach_stack, foreach_param,
                        recursive, doc, max_user_code_retries, retries,
@@ -36,6 +41,7 @@ In the file, step entries leave out keys that have their default value
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import pprint
@@ -113,6 +119,29 @@ def path_key(path) -> str:
 
 def parse_path_key(key: str) -> tuple:
     return tuple(int(i) for i in key.split(".")) if key else ()
+
+
+def read_specs(folder) -> list:
+    """The specs of the generated DAG files under *folder* (hidden folders
+    included), read without running them; unreadable files are skipped."""
+    specs = []
+    # os.walk, not glob: the generated DAG files are in a hidden folder.
+    for d, _, files in os.walk(folder):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            try:
+                with open(os.path.join(d, f)) as fh:
+                    tree = ast.parse(fh.read())
+            except (OSError, SyntaxError, ValueError):
+                continue
+            for node in tree.body:
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "SPEC":
+                    try:
+                        specs.append(normalize(ast.literal_eval(node.value)))
+                    except (ValueError, KeyError, TypeError, SyntaxError):
+                        pass
+    return specs
 
 
 def render_dag_file(spec: dict) -> str:

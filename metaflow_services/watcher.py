@@ -179,6 +179,9 @@ class Watcher:
         # read-only (it is in the stack).
         env.setdefault("METAFLOW_TEMPDIR", tempfile.gettempdir())
         env.setdefault("METAFLOW_ARTIFACT_LOCALROOT", tempfile.gettempdir())
+        # The DAGs already deployed: the compiler refuses a cycle of
+        # @trigger_on_finish through them.
+        env["MFS_DEPLOYED_DAGS"] = str(self.dags)
         st.user = self._owner(path) or self.default_user
         if st.user:
             env["METAFLOW_USER"] = st.user

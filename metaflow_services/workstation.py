@@ -7,10 +7,10 @@ Metaflow UI (and that it asks for its password).
 
 from __future__ import annotations
 
-import json
 import os
 
 from . import objectstore
+from .airflow_client import load_profile
 from .checks import Check
 
 
@@ -33,16 +33,6 @@ def workstation_checks(profile_name, airflow_user="admin", password=None):
         results.append(Check("metadata", True, "local (this deployment runs without the "
                                                "metadata service)"))
     return results
-
-
-def load_profile(name):
-    home = os.path.expanduser(os.environ.get("METAFLOW_HOME", "~/.metaflowconfig"))
-    path = os.path.join(home, "config_%s.json" % name)
-    try:
-        with open(path) as f:
-            return path, json.load(f)
-    except OSError:
-        return path, None
 
 
 def _check_airflow(http, prof, ca, airflow_user, password):

@@ -245,16 +245,12 @@ def test_refuses_parallel(tmp_path, seaweedfs):
             "(@parallel), which a single-VM deployment cannot do.") in msg
 
 
-@pytest.mark.parametrize("deco,what", [
-    ("trigger(event='foo')", "starts runs from external events"),
-    ("trigger_on_finish(flow='OtherFlow')", "starts runs when another flow finishes"),
-])
-def test_refuses_event_triggers(tmp_path, seaweedfs, deco, what):
-    name = deco.split("(")[0]
-    msg = refused(tmp_path, bad_flow(imp=name, flow_deco="@" + deco))
-    assert ("Flow BadFlow: @%s %s, which needs an event bus that this deployment does not "
-            "have. Remove @%s and start runs from Airflow (a @schedule, the Airflow UI, or "
-            "the REST API)." % (name, what, name)) in msg
+def test_refuses_exit_hook(tmp_path, seaweedfs):
+    msg = refused(tmp_path, bad_flow(imp="exit_hook",
+                                     flow_deco="@exit_hook(on_success=[print])"))
+    assert ("Flow BadFlow: @exit_hook runs hooks when the run ends, which this deployment "
+            "does not support. Remove @exit_hook; to run something after a flow, put it in a "
+            "flow with @trigger_on_finish.") in msg
 
 
 def test_step_environments_merge_step_flow_and_requirements(tmp_path, seaweedfs):

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_a_pooled_dag_and_what_the_smoke_test_says_while_it_waits(airflow):
-    from metaflow_services.checks import AirflowClient
+    from metaflow_services.airflow_client import AirflowClient
     from metaflow_services.smoke import SMOKE_POOL, _waiting_for
 
     api = airflow.api()

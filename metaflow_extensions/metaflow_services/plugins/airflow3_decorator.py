@@ -3,6 +3,8 @@ compiled Airflow DAG runs.
 
 It is the task-side half of the runtime: it records which Airflow task ran the
 Metaflow task (as task metadata, so the Metaflow UI and client can link back),
+sets ``current.trigger`` for runs started by @trigger/@trigger_on_finish (from
+``MFS_TRIGGERS``, as Metaflow's Argo decorator does from its event payloads),
 and, when the step finishes, writes what the orchestrator must know to schedule
 what comes next (the foreach width, the switch branch taken) to the file named
 by ``MFS_RESULT_FILE``. This mirrors what Metaflow's Argo integration does with
@@ -44,6 +46,13 @@ def _resolved_environment():
         return None
 
 
+def _triggers():
+    try:
+        return json.loads(os.environ.get("MFS_TRIGGERS") or "[]")
+    except ValueError:
+        return []
+
+
 class Airflow3InternalDecorator(StepDecorator):
     name = "airflow3_internal"
 
@@ -61,6 +70,12 @@ class Airflow3InternalDecorator(StepDecorator):
         ubf_context,
         inputs,
     ):
+        triggers = _triggers()
+        if triggers:
+            from metaflow import current
+            from metaflow.events import Trigger
+
+            current._update_env({"trigger": Trigger(list(triggers))})
         entries = [
             MetaDatum(
                 field=field,
@@ -71,6 +86,11 @@ class Airflow3InternalDecorator(StepDecorator):
             for var, field in _AIRFLOW_FIELDS.items()
             if os.environ.get(var)
         ]
+        if triggers and step_name == graph.start_step:
+            # Where Metaflow's Argo integration records them too.
+            entries.append(MetaDatum(field="execution-triggers", value=json.dumps(triggers),
+                                     type="execution-triggers",
+                                     tags=["attempt_id:%d" % retry_count]))
         resolved = _resolved_environment()
         if resolved:
             entries.append(MetaDatum(field="mfs-environment", value=resolved,
