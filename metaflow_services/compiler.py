@@ -59,7 +59,7 @@ def create_dag(obj, out, options: CompileOptions, as_json=False):
     path = out
     if os.path.isdir(out) or out.endswith(os.sep):
         os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, "%s.py" % _file_stem(spec["dag_id"]))
+        path = os.path.join(out, "%s.py" % dag_file_stem(spec["dag_id"]))
     write_atomic(path, text)
 
     summary = {
@@ -69,6 +69,7 @@ def create_dag(obj, out, options: CompileOptions, as_json=False):
         "schedule": spec["schedule"],
         "package_sha": spec["package"]["sha"],
         "steps": list(spec["steps"]),
+        "where": os.path.abspath(path),
     }
     if as_json:
         print(json.dumps(summary))
@@ -131,7 +132,7 @@ def say(msg):
     click.secho(msg, err=True)
 
 
-def _file_stem(dag_id):
+def dag_file_stem(dag_id):
     return re.sub(r"[^A-Za-z0-9_]", "_", dag_id)
 
 

@@ -8,6 +8,7 @@ their own client (bootstrap.py may use the standard library and boto3 only).
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 
@@ -49,3 +50,21 @@ def error_code(e) -> str:
     response = getattr(e, "response", None)
     return str((response or {}).get("Error", {}).get("Code", "")) if isinstance(
         response, dict) else ""
+
+
+def listing(s3, bucket, prefix) -> dict:
+    """{key relative to prefix: ETag without quotes} of every object under prefix."""
+    out = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", ()):
+            out[obj["Key"][len(prefix):]] = obj["ETag"].strip('"')
+    return out
+
+
+def md5_file(path) -> str:
+    """A file's MD5, as S3 gives a single-part object's ETag."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -90,6 +90,8 @@ class Watcher:
     # METAFLOW_USER); Metaflow refuses to record runs as root.
     default_user: str | None = None
     heartbeat: Path | None = None      # touched after every scan (healthcheck)
+    # DAGs deployed from workstations through the object store (inbox.py).
+    inbox: object = None
     state: dict = field(default_factory=dict)   # rel path -> FlowState
     _pending: dict = field(default_factory=dict)  # rel path -> (digest, first seen unchanged at)
 
@@ -140,6 +142,8 @@ class Watcher:
             problem = kind_of(self.flows / rel).problem
             done.append(self._refuse(rel, digest, problem) if problem
                         else self._compile(rel, digest))
+        if self.inbox is not None:
+            self.inbox.poll({st.dag_id: r for r, st in self.state.items() if st.dag_id}, now)
         return done
 
     # -- finding flows ----------------------------------------------------------
@@ -437,6 +441,15 @@ def _unlink(path):
         pass
 
 
+def _inbox(dags):
+    """The DAGs workstations deploy through the object store, when there is one."""
+    from . import objectstore
+    from .inbox import Inbox
+
+    bucket = objectstore.bucket_name()
+    return Inbox(objectstore.s3_client(), bucket, dags) if bucket else None
+
+
 def add_parser(sub):
     w = sub.add_parser("watch", help="Compile flows dropped into a folder into DAGs, continuously.",
                        description="Watch FLOWS for Metaflow flows and keep DAGS in step: compile "
@@ -463,7 +476,8 @@ def run(args):
                 passwd=Path(args.passwd) if args.passwd else None,
                 # Its own METAFLOW_USER (the deploy's flows.default_user).
                 default_user=os.environ.get("METAFLOW_USER") or None,
-                heartbeat=Path(args.heartbeat) if args.heartbeat else None)
+                heartbeat=Path(args.heartbeat) if args.heartbeat else None,
+                inbox=_inbox(Path(args.dags) if args.dags else Path(args.flows) / GENERATED))
     if args.once:
         w.settle = 0
         w.poll()

@@ -42,23 +42,6 @@ METADATA = PREFIX + "metadata/"
 SHIPPED = ".mfs-shipped.json"  # the worker's record of what it shipped
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _listing(s3, bucket, prefix):
-    """{key relative to prefix: ETag without quotes}."""
-    out = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", ()):
-            out[obj["Key"][len(prefix):]] = obj["ETag"].strip('"')
-    return out
-
-
 def _dag_files(folder: Path) -> dict:
     """{path relative to the dags folder: path} of the generated DAG files
     (the flow-watcher's .metaflow-services/): the only DAGs whose tasks run on
@@ -69,11 +52,11 @@ def _dag_files(folder: Path) -> dict:
 
 def push_dags(s3, bucket, dags: Path) -> int:
     """Mirror the main VM's DAG files up; returns how many objects changed."""
-    remote = _listing(s3, bucket, DAGS)
+    remote = objectstore.listing(s3, bucket, DAGS)
     local = _dag_files(dags)
     changed = 0
     for name, path in local.items():
-        if remote.get(name) != _md5(path):
+        if remote.get(name) != objectstore.md5_file(path):
             s3.put_object(Bucket=bucket, Key=DAGS + name, Body=path.read_bytes())
             changed += 1
     for name in set(remote) - set(local):
@@ -84,14 +67,14 @@ def push_dags(s3, bucket, dags: Path) -> int:
 
 def pull_dags(s3, bucket, dags: Path) -> int:
     """Mirror the DAG files down onto a worker; returns how many files changed."""
-    remote = _listing(s3, bucket, DAGS)
+    remote = objectstore.listing(s3, bucket, DAGS)
     local = _dag_files(dags)
     changed = 0
     for name, etag in remote.items():
         folder, _, base = name.partition("/")
         if folder != GENERATED or "/" in base or not base.endswith(".py"):
             continue  # not a generated DAG file (an older main VM's layout)
-        if name not in local or _md5(local[name]) != etag:
+        if name not in local or objectstore.md5_file(local[name]) != etag:
             body = s3.get_object(Bucket=bucket, Key=DAGS + name)["Body"].read()
             (dags / GENERATED).mkdir(parents=True, exist_ok=True)
             write_atomic(str(dags / name), body.decode("utf-8"))
@@ -150,7 +133,7 @@ def receive_metadata(s3, bucket, root: Path) -> int:
     """Main side: unpack what the workers shipped (oldest first) into the local
     metadata folder, keeping files already there; then delete the objects."""
     received = 0
-    for key in sorted(_listing(s3, bucket, METADATA)):
+    for key in sorted(objectstore.listing(s3, bucket, METADATA)):
         body = s3.get_object(Bucket=bucket, Key=METADATA + key)["Body"].read()
         with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
             for member in tar.getmembers():

@@ -69,14 +69,22 @@ def _check_airflow(http, prof, ca, airflow_user, password):
     return results
 
 
-def _check_profile_s3(prof, ca):
+def profile_s3(prof, ca=None):
+    """(S3 client, bucket) of the deployment a Metaflow profile points at."""
     bucket = objectstore.bucket_name(prof.get("METAFLOW_DATASTORE_SYSROOT_S3", ""))
-    endpoint = prof.get("METAFLOW_S3_ENDPOINT_URL")
     params = dict(prof.get("METAFLOW_DATATOOLS_CLIENT_PARAMS") or {})
     params.pop("config", None)
+    ca = ca or prof.get("METAFLOW_S3_VERIFY_CERTIFICATE") or os.environ.get("REQUESTS_CA_BUNDLE")
+    s3 = objectstore.connect(prof.get("METAFLOW_S3_ENDPOINT_URL"), verify=ca or True,
+                             attempts=2, read_timeout=None, **params)
+    return s3, bucket
+
+
+def _check_profile_s3(prof, ca):
+    endpoint = prof.get("METAFLOW_S3_ENDPOINT_URL")
+    bucket = objectstore.bucket_name(prof.get("METAFLOW_DATASTORE_SYSROOT_S3", ""))
     try:
-        s3 = objectstore.connect(endpoint, verify=ca or True, attempts=2, read_timeout=None,
-                                 **params)
+        s3, bucket = profile_s3(prof, ca)
         s3.head_bucket(Bucket=bucket)
         return Check("object-store", True, "%s: bucket %s readable with the profile's keys"
                      % (endpoint, bucket))

@@ -3,12 +3,16 @@
 Adds the CLI group ``python flow.py airflow3 ...`` (named so it does not clash
 with Metaflow's built-in ``airflow`` group, which emits Kubernetes-only DAGs for
 Airflow 2), the internal step decorator attached to every task run from a
-compiled DAG, and ``@worker(queue=...)``, which routes a step to worker VMs.
+compiled DAG, ``@worker(queue=...)``, which routes a step to worker VMs, and the
+``airflow3`` implementation of Metaflow's Deployer API.
 This file is also shipped inside every code package, so it must not import
 anything beyond Metaflow at load time.
 """
 
 CLIS_DESC = [("airflow3", ".airflow3_cli.cli")]
+
+# Deployer("flow.py").airflow3(...): Metaflow's Deployer API.
+DEPLOYER_IMPL_PROVIDERS_DESC = [("airflow3", ".airflow3_deployer.Airflow3Deployer")]
 
 STEP_DECORATORS_DESC = [
     ("airflow3_internal", ".airflow3_decorator.Airflow3InternalDecorator"),
