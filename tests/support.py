@@ -34,8 +34,8 @@ BASE, MFLOCAL = harness.scratch_dir("mfs-tests-")
 # services off). Every module must be listed (tests/test_layout.py).
 DEPLOY_ORDER = ["test_deploy_refusals", "test_deploy_stack", "test_deploy_stack_dags",
                 "test_deploy_stack_flows", "test_deploy_packages", "test_deploy_metaflow",
-                "test_deploy_security", "test_deploy_readme", "test_deploy_upkeep",
-                "test_deploy_workers", "test_deploy_lean"]
+                "test_deploy_security", "test_deploy_triggers", "test_deploy_readme",
+                "test_deploy_upkeep", "test_deploy_workers", "test_deploy_lean"]
 
 SEAWEED = harness.SeaweedFS(BASE)
 POSTGRES = harness.Postgres(BASE)
