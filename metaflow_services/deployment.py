@@ -95,7 +95,8 @@ def _object_store(obj):
 
 def _wait_listed(summary, timeout=120):
     """With Airflow's address and a password at hand, wait until Airflow has
-    parsed this version of the DAG, so that a trigger right after runs it."""
+    parsed this version of the DAG, so that a trigger right after runs it,
+    and unpause it."""
     client = _client_or_none()
     if client is None:
         return
@@ -104,8 +105,14 @@ def _wait_listed(summary, timeout=120):
         got = client.get("/api/v2/dags/%s/details" % summary["dag_id"], "reading the DAG",
                          ok=(404,))
         if got and summary["package_sha"] in (got.get("doc_md") or ""):
-            say("Airflow lists DAG %s%s." % (summary["dag_id"], " (paused: unpause it to run)"
-                                             if got.get("is_paused") else ""))
+            if got.get("is_paused"):
+                # Deployed on purpose, as Metaflow's other deployers make it
+                # live (a file dropped into the dags folder keeps Airflow's
+                # airflow.dags_paused_at_creation).
+                client.patch("/api/v2/dags/%s" % summary["dag_id"], {"is_paused": False},
+                             "unpausing the DAG")
+            say("Airflow lists DAG %s, unpaused: its schedule and triggers are live."
+                % summary["dag_id"])
             return
         time.sleep(2)
     say("Warning: Airflow did not list this version of DAG %s within %d s; see the import "
@@ -127,9 +134,13 @@ def trigger(obj, dag_id, params, attribute_file=None):
     airflow_run_id = "deployer__%s" % time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + \
         "_%04d" % (int(time.time() * 1000) % 10000)
     path = "/api/v2/dags/%s" % dag_id
-    if client.get(path, "reading the DAG", ok=(404,)) is None:
+    dag = client.get(path, "reading the DAG", ok=(404,))
+    if dag is None:
         raise DeployError("Airflow at %s has no DAG %s." % (client.url, dag_id),
                           "Deploy it first: python FLOW airflow3 create (or Deployer.create()).")
+    if dag.get("is_paused"):
+        say("Warning: DAG %s is paused: this run starts once it is unpaused (Airflow UI)."
+            % dag_id)
     client.post(path + "/dagRuns", {"dag_run_id": airflow_run_id, "logical_date": None,
                                     "conf": params}, "triggering %s" % dag_id)
     pathspec = "%s/%s" % (obj.flow.name, run_id_for(dag_id, airflow_run_id))

@@ -129,3 +129,27 @@ def value_flow(name, doc="A flow: its start step keeps VALUE from helper.py next
 
 def plain_dag(dag_id="plain_dag"):
     return PLAIN_DAG.format(dag_id=dag_id)
+
+
+TWO_STEPS = """
+    from metaflow import FlowSpec, step, {imp}
+    {flow_deco}
+    class {name}(FlowSpec):
+        {param}
+        {step_deco}
+        @step
+        def start(self):
+            self.next(self.end)
+        @step
+        def end(self):
+            pass
+    if __name__ == "__main__":
+        {name}()
+"""
+
+
+def two_step_flow(imp="Parameter", flow_deco="", param="", step_deco="", name="BadFlow"):
+    """The text (indented: dedent it) of a two-step flow with the given
+    imports, decorators and parameter line."""
+    return TWO_STEPS.format(imp=imp, flow_deco=flow_deco, param=param, step_deco=step_deco,
+                            name=name)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from support import FLOWS, compile_flow
+from support import FLOWS, compile_flow, two_step_flow
 
 SHAPES = ["linear_flow.py", "branches_flow.py", "foreach_flow.py", "nested_foreach_flow.py",
           "switch_flow.py", "retry_catch_flow.py", "config_project_flow.py",
@@ -60,27 +60,9 @@ def refused(tmp_path, body, extra_args=(), env=None):
     return " ".join((proc.stdout + proc.stderr).split())
 
 
-TWO_STEPS = """
-    from metaflow import FlowSpec, step, {imp}
-    {flow_deco}
-    class {name}(FlowSpec):
-        {param}
-        {step_deco}
-        @step
-        def start(self):
-            self.next(self.end)
-        @step
-        def end(self):
-            pass
-    if __name__ == "__main__":
-        {name}()
-"""
-
-
 def bad_flow(imp="Parameter", flow_deco="", param="", step_deco="", name="BadFlow"):
-    """A two-step flow with the given imports and decorators."""
-    return TWO_STEPS.format(imp=imp, flow_deco=flow_deco, param=param, step_deco=step_deco,
-                            name=name)
+    return two_step_flow(imp=imp, flow_deco=flow_deco, param=param, step_deco=step_deco,
+                         name=name)
 
 
 # --------------------------------------------------------------------------

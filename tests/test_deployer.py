@@ -117,3 +117,18 @@ def test_a_deployed_dag_the_deployment_cannot_read_is_refused(lab):
         inbox.wait_installed(s3, bucket, "Broken", etag, timeout=60)
     assert not (lab["dags"] / "deployed__Broken.py").exists()
     assert inbox.withdraw(s3, bucket, "Broken")
+
+
+def test_the_deployer_into_a_local_dags_folder(lab, tmp_path):
+    """dags_folder=DIR (a local Airflow's folder): the DAG file is written
+    there, and delete removes it."""
+    from metaflow import Deployer
+
+    folder = tmp_path / "dags"
+    env = {k: v for k, v in lab["env"].items() if k != "MFS_AIRFLOW_PASSWORD"}
+    deployed = Deployer(str(FLOW), env=env).airflow3(dag_id="LocalDeployerFlow",
+                                                     dags_folder=str(folder)).create()
+    assert deployed.deployer.name == "LocalDeployerFlow"
+    dag_file = folder / "LocalDeployerFlow.py"
+    assert "SPEC = " in dag_file.read_text()
+    assert deployed.delete() and not dag_file.exists()

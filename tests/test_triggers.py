@@ -16,31 +16,17 @@ import time
 import pytest
 
 import harness
-from support import BASE, FLOWS, MFLOCAL, VENV_BIN, compile_flow
+from support import BASE, FLOWS, MFLOCAL, VENV_BIN, compile_flow, two_step_flow
 
 TRIGGERS = FLOWS / "triggers"
 
 
-def write_flow(folder, name, decorator, imports="trigger_on_finish"):
+def write_flow(folder, name, decorator, imports="trigger_on_finish", param=""):
     path = folder / ("%s.py" % name.lower())
-    path.write_text(textwrap.dedent('''\
-        from metaflow import FlowSpec, Parameter, step, %s
-
-
-        %s
-        class %s(FlowSpec):
-            @step
-            def start(self):
-                self.next(self.end)
-
-            @step
-            def end(self):
-                pass
-
-
-        if __name__ == "__main__":
-            %s()
-        ''') % (imports, decorator, name, name))
+    # The template is indented by four spaces: so must every decorator line be.
+    path.write_text(textwrap.dedent(two_step_flow(imp="Parameter, " + imports, name=name,
+                                                  flow_deco=decorator.replace("\n", "\n    "),
+                                                  param=param)))
     return path
 
 
@@ -83,25 +69,8 @@ def test_event_names_and_mappings_airflow_cannot_take_are_refused(tmp_path, seaw
 
 
 def test_a_required_parameter_no_event_sets_is_refused(tmp_path, seaweedfs):
-    flow = tmp_path / "needy.py"
-    flow.write_text(textwrap.dedent('''\
-        from metaflow import FlowSpec, Parameter, step, trigger_on_finish
-
-        @trigger_on_finish(flow="Upstream")
-        class NeedyFlow(FlowSpec):
-            day = Parameter("day", required=True)
-
-            @step
-            def start(self):
-                self.next(self.end)
-
-            @step
-            def end(self):
-                pass
-
-        if __name__ == "__main__":
-            NeedyFlow()
-        '''))
+    flow = write_flow(tmp_path, "NeedyFlow", '@trigger_on_finish(flow="Upstream")',
+                      param='day = Parameter("day", required=True)')
     proc = compile_flow(flow, tmp_path / "dags", check=False)
     assert proc.returncode != 0
     assert "the parameter day is required and has no default, but runs start from events" \
@@ -213,3 +182,32 @@ def test_publishing_what_nothing_waits_for_or_with_a_wrong_password_is_refused(d
     proc = publish(airflow, "table.ready", MFS_AIRFLOW_PASSWORD="wrong")
     assert proc.returncode == 1
     assert "refused the user admin's password" in say(proc)
+
+
+def test_project_branches_schedules_and_several_flows(tmp_path, seaweedfs):
+    """Metaflow's rules: under @project, a flow named without project and
+    branch is the one of the same project and branch; several flows are all
+    of them; with @schedule too, either starts a run."""
+    from metaflow_services.dag import build_dag
+    from metaflow_services.spec import read_specs
+
+    out = tmp_path / "dags"
+    flow = write_flow(tmp_path, "AfterBothFlow",
+                      '@project(name="shop")\n'
+                      '@schedule(cron="0 6 * * *")\n'
+                      '@trigger_on_finish(flows=["PrepFlow", "other.prod.LoadFlow"])',
+                      imports="project, schedule, trigger_on_finish")
+    compile_flow(flow, out)
+    spec = next(s for s in read_specs(out) if s["flow"]["name"] == "AfterBothFlow")
+    assert spec["dag_id"] == "shop.user.tester.AfterBothFlow"
+    assert [f["name"] for f in spec["triggers"]["flows"]] == [
+        "metaflow.shop.user.tester.PrepFlow.end", "metaflow.other.prod.LoadFlow.end"]
+    assert spec["finish_event"] == "metaflow.shop.user.tester.AfterBothFlow.end"
+    dag = build_dag(spec)
+    timetable = dag.timetable
+    assert type(timetable).__name__ == "AssetOrTimeSchedule"
+    assets = timetable.asset_condition
+    assert type(assets).__name__ == "AssetAll"
+    assert sorted(a.name for a in assets.objects) == [
+        "metaflow.other.prod.LoadFlow.end", "metaflow.shop.user.tester.PrepFlow.end"]
+    assert dag.task_dict["end"].outlets[0].name == spec["finish_event"]

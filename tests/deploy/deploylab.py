@@ -235,6 +235,16 @@ class Lab:
     def ca(self):
         return str(self.vm.root / INSTALL_DIR.lstrip("/") / "tls" / "cert.pem")
 
+    def laptop_env(self, profile="full"):
+        """A laptop's shell with the profile `fab client-config --name full`
+        wrote (written here when an earlier module did not), a Metaflow user
+        and the admin's Airflow password: what the Deployer and publish need."""
+        if not (self.home / ".metaflowconfig" / ("config_%s.json" % profile)).exists():
+            res = self.fab("client-config", "--name", profile)
+            assert res.returncode == 0, str(res)
+        return dict(fab_env(self.home), METAFLOW_PROFILE=profile, METAFLOW_USER="alice",
+                    MFS_AIRFLOW_PASSWORD=self.secret("MFS_AIRFLOW_PASSWORD_ADMIN"))
+
     def airflow_token(self, user="admin", password=None):
         import requests
 
@@ -272,6 +282,21 @@ class Lab:
             time.sleep(3)
         return run_id, state, api.get(base + "/dagRuns/%s/taskInstances" % run_id,
                                       timeout=30).text
+
+    def triggered_run(self, dag_id, after, timeout=600):
+        """The first run of *dag_id* started by an asset event (@trigger,
+        @trigger_on_finish) queued after *after* (ISO time, UTC), once finished."""
+        api = self.airflow()
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            runs = api.get("https://%s/api/v2/dags/%s/dagRuns" % (VM_IP, dag_id),
+                           timeout=30).json()["dag_runs"]
+            for r in runs:
+                if (r["run_type"] == "asset_triggered" and r["queued_at"] > after
+                        and r["state"] in ("success", "failed")):
+                    return r
+            time.sleep(3)
+        raise AssertionError("no finished asset-triggered run of %s since %s" % (dag_id, after))
 
     def metadata(self, path):
         """GET from the metadata service through the proxy, with the API key,

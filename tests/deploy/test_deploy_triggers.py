@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from deploylab import DATA_DIR, REPO, VENV_BIN, VM_IP, fab_env
+from deploylab import DATA_DIR, REPO, VENV_BIN
 
 pytestmark = pytest.mark.deploy
 
@@ -61,19 +61,11 @@ LAPTOP = textwrap.dedent('''
 ''')
 
 
-def laptop_env(lab):
-    return dict(fab_env(lab.home), METAFLOW_PROFILE="full", METAFLOW_USER="alice",
-                MFS_AIRFLOW_PASSWORD=lab.secret("MFS_AIRFLOW_PASSWORD_ADMIN"))
-
-
 def test_the_deployer_and_a_chain_of_flows_from_a_laptop_profile(deployed, lab, tmp_path):
-    if not (lab.home / ".metaflowconfig" / "config_full.json").exists():
-        res = lab.fab("client-config", "--name", "full")  # else test_deploy_metaflow wrote it
-        assert res.returncode == 0, str(res)
     script = tmp_path / "laptop.py"
     script.write_text(LAPTOP)
     proc = subprocess.run([str(VENV_BIN / "python"), str(script), str(TRIGGERS)],
-                          env=laptop_env(lab), cwd=str(tmp_path), stdout=subprocess.PIPE,
+                          env=lab.laptop_env(), cwd=str(tmp_path), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -87,7 +79,7 @@ def test_the_deployer_and_a_chain_of_flows_from_a_laptop_profile(deployed, lab, 
 
 
 def laptop_python(lab, code):
-    proc = subprocess.run([str(VENV_BIN / "python"), "-c", code], env=laptop_env(lab),
+    proc = subprocess.run([str(VENV_BIN / "python"), "-c", code], env=lab.laptop_env(),
                           cwd="/tmp", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,21 +87,13 @@ def laptop_python(lab, code):
 
 
 def test_an_event_published_from_a_laptop_starts_its_flow(deployed, lab):
-    api = lab.airflow()
     before = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     proc = subprocess.run([str(VENV_BIN / "metaflow-services"), "publish", "table.ready",
                            "--payload", json.dumps({"table_name": "sales", "row_count": 7})],
-                          env=laptop_env(lab), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=lab.laptop_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    deadline = time.time() + 600
-    found = None
-    while found is None and time.time() < deadline:
-        runs = api.get("https://%s/api/v2/dags/EventFlow/dagRuns" % VM_IP,
-                       timeout=30).json()["dag_runs"]
-        found = next((r for r in runs if r["run_type"] == "asset_triggered"
-                      and r["queued_at"] > before and r["state"] in ("success", "failed")), None)
-        time.sleep(3)
+    found = lab.triggered_run("EventFlow", before)
     assert found and found["state"] == "success", found
     from metaflow_services.spec import run_id_for
 

@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 import vm as vm_mod
-from deploylab import CACHE, DATA_DIR, INSTALL_DIR, VM_IP, _timed
+from deploylab import CACHE, DATA_DIR, INSTALL_DIR, VENV_BIN, VM_IP, _timed
 
 pytestmark = pytest.mark.deploy
 
 FLOW = Path(__file__).resolve().parents[1] / "flows" / "spread_flow.py"
 WHEELHOUSE_FLOW = Path(__file__).resolve().parents[1] / "flows" / "wheelhouse" / "wheelhouse_flow.py"
+TRIGGERS = Path(__file__).resolve().parents[1] / "flows" / "triggers"
 # Plain HTTP: reachable from the main VM (through the host's NAT) whatever
 # CAs it trusts; not from an air-gapped VM.
 OUTSIDE = "http://deb.debian.org/debian/"
@@ -182,6 +184,33 @@ def test_a_pypi_step_on_the_air_gapped_worker_installs_from_the_wheelhouse(lab, 
     # Its environment image was built on the worker, offline, from the wheels.
     images = worker.run("docker images --format '{{.Repository}}' metaflow-services/env").stdout
     assert "metaflow-services/env" in images, images
+
+
+def test_an_event_starts_a_flow_on_the_worker_and_its_finish_one_on_main(lab, worker):
+    """@trigger and @trigger_on_finish across machines: an event starts a flow
+    whose steps run on the worker VM; its end step (on the worker) emits the
+    finish event that starts a flow on the main VM."""
+    assert "worker_added" in lab.results, "needs the worker"
+    drop_flow(lab, TRIGGERS / "worker_event_flow.py", "WorkerEventFlow")
+    drop_flow(lab, TRIGGERS / "after_worker_flow.py", "AfterWorkerFlow")
+    before = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    proc = subprocess.run([str(VENV_BIN / "metaflow-services"), "publish", "worker.ready"],
+                          env=lab.laptop_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = lab.triggered_run("AfterWorkerFlow", before, timeout=900)
+    assert after["state"] == "success", after
+    upstream = lab.triggered_run("WorkerEventFlow", before, timeout=60)
+    from metaflow_services.spec import run_id_for
+
+    got = client(lab, "w = Run('WorkerEventFlow/%s')\na = Run('AfterWorkerFlow/%s')\n"
+                      "print(json.dumps([w.pathspec, a.data.upstream, w.data.event_name, "
+                      "sorted(dict((m.name, m.value) for m in t.metadata).get('mfs-worker') "
+                      "for s in ('start', 'end') for t in w[s])]))"
+                 % (run_id_for("WorkerEventFlow", upstream["dag_run_id"]),
+                    run_id_for("AfterWorkerFlow", after["dag_run_id"])))
+    assert got[1] == got[0], got                       # current.trigger.run on main
+    assert got[2] == "worker.ready" and got[3] == ["vm1", "vm1"], got
 
 
 def assert_single_vm(lab):
