@@ -39,8 +39,10 @@ def dag_id_of(obj, dag_id=None):
 
 
 def create(obj, out, dags_folder, options: CompileOptions, attribute_file=None, as_json=False):
-    target = out or dags_folder or os.environ.get("MFS_DAGS_FOLDER")
-    if target:
+    folder = dags_folder or os.environ.get("MFS_DAGS_FOLDER")
+    if out or folder:
+        # OUT may name a file; a dags folder is always a folder.
+        target = out or os.path.join(folder, "")
         summary = create_dag(obj, target, options, as_json=as_json)
     else:
         summary = _create_on_deployment(obj, options, as_json)
