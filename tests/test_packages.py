@@ -43,8 +43,15 @@ def client():
 
 @pytest.fixture(scope="module")
 def gateway(client):
-    """The address build containers reach this machine at."""
-    return client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+    """The address build containers reach this machine at: the bridge's
+    gateway (Docker 20.10 sometimes leaves it out of the IPAM config: then
+    docker0's own address, which is the gateway)."""
+    config = client.networks.get("bridge").attrs["IPAM"]["Config"][0]
+    if config.get("Gateway"):
+        return config["Gateway"]
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "docker0"], stdout=subprocess.PIPE,
+                         text=True, check=True).stdout
+    return out.split(" inet ", 1)[1].split("/", 1)[0]
 
 
 @pytest.fixture(scope="module")
