@@ -235,13 +235,13 @@ class Lab:
     def ca(self):
         return str(self.vm.root / INSTALL_DIR.lstrip("/") / "tls" / "cert.pem")
 
-    def laptop_env(self, profile="full"):
-        """A laptop's shell with the profile `fab client-config --name full`
-        wrote (written here when an earlier module did not), a Metaflow user
-        and the admin's Airflow password: what the Deployer and publish need."""
-        if not (self.home / ".metaflowconfig" / ("config_%s.json" % profile)).exists():
-            res = self.fab("client-config", "--name", profile)
-            assert res.returncode == 0, str(res)
+    def laptop_env(self, profile="laptop"):
+        """A laptop's shell with a profile `fab client-config` writes now (a
+        profile from before `fab restore` onto a new VM holds the old VM's
+        certificate), a Metaflow user and the admin's Airflow password: what
+        the Deployer and publish need."""
+        res = self.fab("client-config", "--name", profile)
+        assert res.returncode == 0, str(res)
         return dict(fab_env(self.home), METAFLOW_PROFILE=profile, METAFLOW_USER="alice",
                     MFS_AIRFLOW_PASSWORD=self.secret("MFS_AIRFLOW_PASSWORD_ADMIN"))
 
