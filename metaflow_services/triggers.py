@@ -88,6 +88,8 @@ def run_triggers(spec: dict, triggering) -> list:
     payload of each event. *triggering* is Airflow's triggering_asset_events
     accessor (or any mapping of asset -> events with .extra and .timestamp)."""
     wanted = set(listened_events(spec))
+    if not wanted:  # most flows: nothing to read on every task's start
+        return []
     out = []
     for asset in triggering or ():
         name = getattr(asset, "name", None)
