@@ -13,16 +13,25 @@
     fab -H root@worker add-worker --main root@vm.example.com [--queue gpu]   # a worker VM
     fab -H root@worker remove-worker --main root@vm.example.com            # drain, remove it
     fab bundle --output stack.tar [--flows DIR]   # images (and wheels) for offline VMs
+    fab -H root@vm.example.com secrets.set db < db.env   # a secret for @secrets(sources=["db"])
+    fab -H root@vm.example.com secrets.list | secrets.delete db
+    fab -H root@vm.example.com secrets [--name MFS_AIRFLOW_PASSWORD_ADMIN]   # the stack's own
 
 `fab --list` shows them; `fab --help deploy` the options of one. The options
 file is deploy.yaml next to this file (see deploy.example.yaml) or --config.
 docs/deploy.md is the manual.
 """
 
-from deploy.tasks import (add_worker, backup, bundle, client_config, deploy, destroy, images, logs,
-                          prune_images, push_flows, remove_worker, restore, resume, secrets, start,
-                          status, stop, tunnel, unlock, upgrade)
+from invoke import Collection
 
-__all__ = ["add_worker", "backup", "bundle", "client_config", "deploy", "destroy", "images",
-           "logs", "prune_images", "push_flows", "remove_worker", "restore", "resume", "secrets",
-           "start", "status", "stop", "tunnel", "unlock", "upgrade"]
+from deploy.tasks import (add_worker, backup, bundle, client_config, deploy, destroy, images, logs,
+                          prune_images, push_flows, remove_worker, restore, resume, secrets,
+                          secrets_delete, secrets_list, secrets_set, start, status, stop, tunnel,
+                          unlock, upgrade)
+
+# `fab secrets` (the stack's own passwords) and `fab secrets.set|list|delete`
+# (the flows' secrets) form one group, so the tasks are listed explicitly.
+ns = Collection(add_worker, backup, bundle, client_config, deploy, destroy, images, logs,
+                prune_images, push_flows, remove_worker, restore, resume, start, status, stop,
+                tunnel, unlock, upgrade,
+                secrets=Collection(secrets, secrets_set, secrets_list, secrets_delete))

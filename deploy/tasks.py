@@ -23,7 +23,7 @@ from invoke.exceptions import Exit
 from metaflow_services import __version__
 from metaflow_services import archive, encryption
 
-from . import backups, client, lifecycle, status as status_mod, steps, workers
+from . import backups, client, lifecycle, platform_secrets, status as status_mod, steps, workers
 from . import bundle as bundle_mod
 from . import commands as cmd
 from . import config as config_mod
@@ -121,11 +121,12 @@ def client_config(c, name="", directory="", tunnel=False, config=None, verbose=F
     client.write_profile(connect(c, "client-config", verbose, config), name, directory, tunnel)
 
 
-@task(help=dict(COMMON_HELP, show="print the values", name="print only this one (e.g. "
-                                                           "MFS_AIRFLOW_PASSWORD_ADMIN)"))
+@task(default=True, help=dict(COMMON_HELP, show="print the values",
+                              name="print only this one (e.g. MFS_AIRFLOW_PASSWORD_ADMIN)"))
 @boundary("secrets")
 def secrets(c, show=False, name="", config=None, verbose=False):
-    """The generated passwords and keys (names only, unless --show or --name)."""
+    """The deployment's generated passwords and keys (names only, unless
+    --show or --name). Secrets for flows: fab secrets.set | secrets.list."""
     s = connect(c, "secrets", verbose, config, deployed=False)
     values = s.secrets()
     if name:
@@ -136,6 +137,30 @@ def secrets(c, show=False, name="", config=None, verbose=False):
         return
     for k in sorted(values):
         s.out.stream.write("%s=%s\n" % (k, values[k] if show else "(hidden; --show prints it)"))
+
+
+@task(name="set", help=dict(COMMON_HELP, name="the secret's name, as @secrets(sources=[NAME]) "
+                                               "names it"))
+@boundary("secrets.set")
+def secrets_set(c, name, config=None, verbose=False):
+    """Set a secret for flows' @secrets: KEY=VALUE lines (or a JSON object)
+    on standard input, or typed at hidden prompts; each KEY becomes an
+    environment variable of the steps that name it."""
+    platform_secrets.run(connect(c, "secrets.set", verbose, config), "set", name)
+
+
+@task(name="list", help=COMMON_HELP)
+@boundary("secrets.list")
+def secrets_list(c, config=None, verbose=False):
+    """The secrets flows can name in @secrets, with their variables (not values)."""
+    platform_secrets.run(connect(c, "secrets.list", verbose, config), "list", "")
+
+
+@task(name="delete", help=dict(COMMON_HELP, name="the secret to delete"))
+@boundary("secrets.delete")
+def secrets_delete(c, name, config=None, verbose=False):
+    """Delete a secret flows name in @secrets."""
+    platform_secrets.run(connect(c, "secrets.delete", verbose, config), "delete", name)
 
 
 @task(iterable=["set"], help=dict(COMMON_HELP, output="the archive to write (default: "

@@ -45,6 +45,9 @@ def main(argv=None):
     from .events import add_parser as add_publish_parser
 
     add_publish_parser(sub)
+    from .platform_secrets import add_parser as add_secrets_parser
+
+    add_secrets_parser(sub)
     from .workers import add_parser as add_sync_parser
 
     add_sync_parser(sub)

@@ -2,25 +2,33 @@
 the Airflow worker.
 
 Both executors run the same program, ``bootstrap.py`` (as ``python -c``), with
-the same environment; they differ only in isolation. ``run`` blocks, feeds
+the same environment; they differ only in isolation. A step's platform
+secrets reach it as a file only its user can read (MFS_SECRETS_FILE), written
+before the step starts and gone with the container or after the subprocess. ``run`` blocks, feeds
 every output line to a callback and returns the exit code; ``kill_all`` (called
 when Airflow cancels or times out the task) stops everything still running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigurationError, Settings
 from .errors import ServicesError
+from .platform_secrets import CONTAINER_FILE, FILE_ENV as SECRETS_FILE_ENV, file_content
 
 BOOTSTRAP_SOURCE = (Path(__file__).with_name("bootstrap.py")).read_text()
 # The bootstrap travels in an environment variable rather than on the command
@@ -37,6 +45,8 @@ class Launch:
     image: str | None = None
     resources: dict | None = None  # @resources: cpu, memory (MB), gpu, shared_memory (MB)
     labels: dict = field(default_factory=dict)
+    # {name: {VAR: value}} from @secrets: a private file, never the environment.
+    secrets: dict = field(default_factory=dict)
 
 
 class ExecutorError(ServicesError):
@@ -73,6 +83,12 @@ class SubprocessExecutor:
                   "REQUESTS_CA_BUNDLE"):
             if k in os.environ and k not in env:
                 env[k] = os.environ[k]
+        with _private_file(launch.secrets) as path:
+            if path:
+                env[SECRETS_FILE_ENV] = path
+            return self._run(launch, env, on_line)
+
+    def _run(self, launch, env, on_line):
         proc = subprocess.Popen(
             [sys.executable, "-c", BOOTSTRAP_CODE],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -106,6 +122,45 @@ class SubprocessExecutor:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+@contextlib.contextmanager
+def _private_file(secrets):
+    """A 0600 file in a 0700 folder holding the step's secrets (None when it
+    has none), removed afterwards whatever happens."""
+    if not secrets:
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="mfs-secrets-")
+    path = os.path.join(folder, "secrets.json")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(file_content(secrets))
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def secrets_archive(secrets, user=None) -> bytes:
+    """A tar of CONTAINER_FILE for docker's put_archive: owned by the step's
+    user (MFS_DOCKER_USER uid[:gid]), readable by it alone."""
+    uid, gid = 0, 0
+    if user:
+        parts = str(user).split(":")
+        if parts[0].isdigit():
+            uid = int(parts[0])
+            gid = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    data = file_content(secrets)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        folder = tarfile.TarInfo(os.path.dirname(CONTAINER_FILE).lstrip("/"))
+        folder.type, folder.mode, folder.uid, folder.gid = tarfile.DIRTYPE, 0o700, uid, gid
+        tar.addfile(folder)
+        info = tarfile.TarInfo(CONTAINER_FILE.lstrip("/"))
+        info.size, info.mode, info.uid, info.gid = len(data), 0o400, uid, gid
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def _die_with_parent():
@@ -184,7 +239,8 @@ class DockerExecutor:
             image=launch.image,
             command=[s.python, "-c", BOOTSTRAP_CODE],
             name=launch.name,
-            environment=dict(launch.env, **{BOOTSTRAP_ENV: BOOTSTRAP_SOURCE}),
+            environment=dict(launch.env, **{BOOTSTRAP_ENV: BOOTSTRAP_SOURCE},
+                             **({SECRETS_FILE_ENV: CONTAINER_FILE} if launch.secrets else {})),
             labels=dict(launch.labels, **{"metaflow-services": "step"}),
             volumes=volumes,
             working_dir="/tmp",
@@ -213,6 +269,8 @@ class DockerExecutor:
         with self._lock:
             self._containers[launch.name] = container
         try:
+            if launch.secrets:  # into the container's own layer: removed with it
+                container.put_archive("/", secrets_archive(launch.secrets, s.docker_user))
             container.start()
             buf = b""
             for chunk in container.logs(stream=True, follow=True):

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from .config import ConfigurationError, Settings, datastore_root, task_passthrough_env
 from .errors import ServicesError
 from .executors import ExecutorError, Launch, container_name, make_executor
-from .spec import PARAMS_TASK_ID, parse_path_key, path_key, run_id_for, task_id_for
+from .platform_secrets import TYPE as SECRETS_TYPE, SecretsError, fetch
+from .spec import (PARAMS_TASK_ID, parameter_env, parse_path_key, path_key, run_id_for,
+                   task_id_for)
 from .triggers import (MissingPayloadField, asset_kwargs, event_parameters, finish_extra,
                        run_triggers, trigger_metadata)
 
@@ -109,32 +111,6 @@ def split_ranges(num_splits, max_map_length):
     return [[i, min(i + size, num_splits)] for i in range(0, num_splits, size)]
 
 
-def parameter_env(spec, params):
-    """METAFLOW_INIT_<NAME> variables for `init` from the Airflow run's params."""
-    env = {}
-    for p in spec["parameters"]:
-        value = params.get(p["name"]) if params else None
-        if value is None:
-            if p["has_default"]:
-                value = p["default"]
-            else:
-                continue
-        if p["kind"] == "json":
-            value = value if isinstance(value, str) else json.dumps(value)
-        elif p["kind"] == "bool":
-            value = "true" if _truthy(value) else "false"
-        else:
-            value = str(value)
-        env[p["env"]] = value
-    return env
-
-
-def _truthy(v):
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "y", "on")
-    return bool(v)
-
-
 # ---------------------------------------------------------------------------
 # Execution
 # ---------------------------------------------------------------------------
@@ -163,6 +139,8 @@ class StepRun:
         self.executor = None
         self._killed = threading.Event()
         self._image_lock = threading.Lock()
+        self._secret_values = None
+        self._secrets_lock = threading.Lock()
 
     # -- entry point --------------------------------------------------------
 
@@ -396,10 +374,25 @@ class StepRun:
             env=self._task_env(task, image),
             image=image,
             resources=self.s["resources"],
+            secrets=self._secrets(),
             labels={"metaflow-services.pathspec": pathspec,
                     "metaflow-services.dag-id": spec["dag_id"],
                     "metaflow-services.airflow-run-id": self.ti.run_id},
         )
+
+    def _secrets(self):
+        """The platform secrets the step's @secrets names (read once per
+        Airflow task; the executor hands them over as a private file)."""
+        with self._secrets_lock:
+            if self._secret_values is None:
+                from airflow.sdk.exceptions import AirflowFailException
+
+                try:
+                    self._secret_values = fetch(self.s.get("secrets") or [], self.step)
+                except SecretsError as e:
+                    self.log.error("%s", e)
+                    raise AirflowFailException(str(e))
+        return self._secret_values
 
     def _metaflow_commands(self, planned):
         """The task's `step` command line, and for the run's first task the
@@ -468,6 +461,8 @@ class StepRun:
             # @pypi/@conda steps already run inside their environment's image.
             "MFS_PREBUILT_ENVIRONMENTS": "1",
         })
+        # @secrets(sources=["name"]) without a type: the platform's secrets.
+        env.setdefault("METAFLOW_DEFAULT_SECRETS_BACKEND_TYPE", SECRETS_TYPE)
         if self.triggers:  # current.trigger (the airflow3_internal decorator)
             env["MFS_TRIGGERS"] = trigger_metadata(self.triggers)
         if self.settings.executor == "docker" and image:

@@ -32,7 +32,8 @@ Spec, version 1 (all keys always present)::
                        recursive, doc, max_user_code_retries, retries,
                        retry_delay_seconds, timeout_seconds, env, resources,
                        image, queue (@worker), decorators, group, environment: None |
-                       {packages: [pip requirement], python, source}}}
+                       {packages: [pip requirement], python, source},
+                       secrets: [platform secret names its @secrets names]}}
     package           {sha, url, path, datastore, metadata, post_extract_env}
 
 In the file, step entries leave out keys that have their default value
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import pprint
 import tempfile
@@ -70,6 +72,7 @@ STEP_DEFAULTS = {
     "decorators": [],
     "group": None,
     "environment": None,
+    "secrets": [],
 }
 
 
@@ -188,3 +191,29 @@ def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
         except OSError:
             pass
         raise
+
+
+def parameter_env(spec, params):
+    """METAFLOW_INIT_<NAME> variables for `init` from the Airflow run's params."""
+    env = {}
+    for p in spec["parameters"]:
+        value = params.get(p["name"]) if params else None
+        if value is None:
+            if p["has_default"]:
+                value = p["default"]
+            else:
+                continue
+        if p["kind"] == "json":
+            value = value if isinstance(value, str) else json.dumps(value)
+        elif p["kind"] == "bool":
+            value = "true" if _truthy(value) else "false"
+        else:
+            value = str(value)
+        env[p["env"]] = value
+    return env
+
+
+def _truthy(v):
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "y", "on")
+    return bool(v)

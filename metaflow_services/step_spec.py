@@ -1,5 +1,6 @@
 """One step of a flow as the spec describes it: its place in the graph,
-retries, timeout, resources, environment variables, worker queue, and the
+retries, timeout, resources, environment variables, worker queue, the
+platform secrets its @secrets names, and the
 packages its environment needs (@pypi, @pypi_base, @conda, @conda_base,
 requirements.txt next to the flow).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 
+from .platform_secrets import SecretsError, step_sources
 from .refusals import CompileError, refuse_step_decorators
 
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -40,6 +42,7 @@ def step_spec(flow_name, graph, node, requirements):
         "resources": _resources(decos),
         "image": None,
         "queue": _queue(flow_name, node.name, decos),
+        "secrets": _secrets(flow_name, node.name, decos),
         "decorators": sorted(decos),
         "environment": _environment(flow_name, node, decos, requirements),
     }
@@ -103,6 +106,18 @@ def _queue(flow_name, step_name, decos):
             "Flow %s, step %s: @worker(queue=%r): a queue name is letters, digits, '.', "
             "'_' or '-', for example @worker(queue=\"gpu\")." % (flow_name, step_name, queue))
     return queue
+
+
+def _secrets(flow_name, step_name, decos):
+    """The platform secrets the step's @secrets names: the runtime hands
+    the step these and no others."""
+    from metaflow.metaflow_config import DEFAULT_SECRETS_BACKEND_TYPE
+
+    try:
+        return step_sources(flow_name, step_name, decos.get("secrets"),
+                            DEFAULT_SECRETS_BACKEND_TYPE)
+    except SecretsError as e:
+        raise CompileError("%s. Set a secret with: fab -H HOST secrets.set NAME" % e)
 
 
 def _number(v):

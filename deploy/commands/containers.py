@@ -123,17 +123,18 @@ def remove_containers(ids) -> str:
     return "docker rm -f %s" % " ".join(q(i) for i in ids)
 
 
-def scheduler_exec(install_dir, args, password_var=None) -> str:
+def scheduler_exec(install_dir, args, password_var=None, stdin=None) -> str:
     """metaflow-services in the scheduler container (it has the task runtime's
-    environment). A password is passed from secrets.env by name, so it is
-    never on a command line."""
+    environment). A password is passed from secrets.env by name, and *stdin*
+    (a file on the VM) as the command's input, so neither is on a command line."""
     env = ""
     prefix = ""
     if password_var:
         prefix = "set -a; . ./secrets.env; set +a; MFS_DOCTOR_AIRFLOW_PASSWORD=\"$%s\" " % password_var
         env = "-e MFS_DOCTOR_AIRFLOW_PASSWORD "
-    return ("cd %s && %sdocker compose exec -T %sairflow-scheduler metaflow-services %s"
+    line = ("cd %s && %sdocker compose exec -T %sairflow-scheduler metaflow-services %s"
             % (q(install_dir), prefix, env, args))
+    return line + " < %s" % q(stdin) if stdin else line
 
 
 def smoke_pending(install_dir, action) -> str:

@@ -190,6 +190,11 @@ def remove_files(*paths) -> str:
     return "rm -f %s" % " ".join(q(p) for p in paths)
 
 
+def remove_upload(src) -> str:
+    """An upload and the private temporary folder put_private made for it."""
+    return "rm -rf \"$(dirname %s)\"" % q(src)
+
+
 def move_into_fresh_folder(src, folder) -> str:
     """*folder* emptied, then holding only *src* (moved in)."""
     return "rm -rf %s && install -d %s && mv %s %s/" % (q(folder), q(folder), q(src), q(folder))

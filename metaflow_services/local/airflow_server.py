@@ -4,6 +4,7 @@ local PostgreSQL, plus a small client of Airflow's REST API."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -14,6 +15,11 @@ from pathlib import Path
 import requests
 
 from .services import VENV_BIN, LocalStackError, Process, binary, free_port, wait_for
+
+
+def fernet_key():
+    """A key for Airflow's Fernet encryption (what Fernet.generate_key makes)."""
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
 
 
 class Airflow:
@@ -32,7 +38,8 @@ class Airflow:
         self.password = password or secrets.token_urlsafe(12)
         # The api-server's signing keys: generated unless given (kept by `local`).
         self.keys = dict(keys or {"jwt_secret": secrets.token_urlsafe(32),
-                                  "secret_key": secrets.token_urlsafe(24)})
+                                  "secret_key": secrets.token_urlsafe(24),
+                                  "fernet_key": fernet_key()})
         self.postgres = postgres
         self.task_env = dict(task_env)
         self.max_map_length = max_map_length
@@ -53,7 +60,8 @@ class Airflow:
             "AIRFLOW__CORE__PARALLELISM": "8",
             "AIRFLOW__CORE__MAX_MAP_LENGTH": str(self.max_map_length),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-            "AIRFLOW__CORE__FERNET_KEY": "",
+            # Variables (the platform's @secrets) and connections encrypted at rest.
+            "AIRFLOW__CORE__FERNET_KEY": self.keys.get("fernet_key", ""),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": self.url + "/execution/",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "%s:admin" % self.USER,
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from .airflow_server import Airflow, AirflowAPI
+from .airflow_server import Airflow, AirflowAPI, fernet_key
 from .metadata import IMAGE as METADATA_IMAGE
 from .metadata import LABEL, MetaflowService
 from .services import (LocalStackError, Postgres, Process, SeaweedFS, binary, free_ports,
@@ -117,7 +117,8 @@ class LocalStack:
                           ("secret_key", lambda: secrets_mod.token_urlsafe(24)),
                           ("s3_access_key", lambda: "mfs-local-" + secrets_mod.token_hex(4)),
                           ("s3_secret_key", lambda: secrets_mod.token_hex(20)),
-                          ("metadata_db_password", lambda: secrets_mod.token_urlsafe(16))):
+                          ("metadata_db_password", lambda: secrets_mod.token_urlsafe(16)),
+                          ("fernet_key", fernet_key)):
             self.secrets.setdefault(key, make())
 
     def save(self):
@@ -164,7 +165,8 @@ class LocalStack:
         return Airflow(self.dir, postgres or self.postgres(), self.client_env(),
                        max_map_length=1024, port=s["ports"]["airflow"],
                        password=self.secrets["airflow_password"],
-                       keys={k: self.secrets[k] for k in ("jwt_secret", "secret_key")})
+                       keys={k: self.secrets[k] for k in ("jwt_secret", "secret_key",
+                                                            "fernet_key")})
 
     def worker_env(self):
         extra = {}

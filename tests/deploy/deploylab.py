@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -186,12 +187,13 @@ class Lab:
     results: dict = field(default_factory=dict)
 
     def fab(self, *args, user="deployer", host=VM_IP, key=None, timeout=2400, global_args=(),
-            fab=FAB):
+            fab=FAB, stdin=None):
+        """`fab -H user@host -i KEY ARGS`; *stdin*: text piped in (else none)."""
         argv = [fab, "-H", "%s@%s" % (user, host), "-i", str(key or self.key), *global_args, *args]
         t0 = time.time()
         proc = subprocess.run(argv, cwd=str(REPO), env=fab_env(self.home), text=True,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=timeout)
+                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
         return FabResult(argv[:1] + [a if a != str(key or self.key) else "KEY" for a in argv[1:]],
                          proc.returncode, proc.stdout, time.time() - t0)
 
@@ -297,6 +299,30 @@ class Lab:
                     return r
             time.sleep(3)
         raise AssertionError("no finished asset-triggered run of %s since %s" % (dag_id, after))
+
+    def drop_flow(self, path, dag_id):
+        """scp the flow into the dags folder as a data scientist would; wait
+        for its DAG and unpause it."""
+        from fabric import Connection
+
+        with Connection(VM_IP, user="deployer",
+                        connect_kwargs={"key_filename": str(self.key)}) as c:
+            c.put(str(path), "%s/dags/%s" % (DATA_DIR, path.name))
+        dag = self.vm.root / DATA_DIR.lstrip("/") / "dags" / ".metaflow-services" / (dag_id + ".py")
+        api, base = self.airflow(), "https://%s/api/v2/dags/%s" % (VM_IP, dag_id)
+        deadline = time.time() + 240
+        while not dag.exists() or api.get(base, timeout=30).status_code != 200:
+            assert time.time() < deadline, self.compose("logs --tail 30 flow-watcher")
+            time.sleep(2)
+        api.patch(base, json={"is_paused": False}, timeout=30).raise_for_status()
+
+    def client(self, code):
+        """Python with the Metaflow client in the main VM's scheduler container
+        (the stack's own Metaflow settings); returns its JSON output."""
+        out = self.compose("exec -T airflow-scheduler python -c %s"
+                           % shlex.quote("import json\nfrom metaflow import Run, namespace\n"
+                                         "namespace(None)\n" + code))
+        return json.loads(out.strip().splitlines()[-1])
 
     def metadata(self, path):
         """GET from the metadata service through the proxy, with the API key,

@@ -2,19 +2,22 @@
 (issue 16's security module; the logins themselves are in test_deploy_stack
 and test_deploy_metaflow): the S3 endpoint without or with wrong keys,
 Airflow tokens that are forged or expired, old TLS versions on every
-published port, and the files that hold secrets on the VM.
+published port, and the files that hold secrets on the VM; and the flows'
+own secrets (`fab secrets.set`, @secrets), which reach their step only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
 
-from deploylab import INSTALL_DIR, VM_IP
+from deploylab import DATA_DIR, INSTALL_DIR, VM_IP
 
 pytestmark = pytest.mark.deploy
 
@@ -139,3 +142,68 @@ def test_every_file_that_holds_a_secret_is_root_only(deployed, lab):
               if any(v in (lab.vm.root / f.lstrip("/")).read_text(errors="replace")
                      for v in secrets if len(v) >= 16)]
     assert leaked == [], leaked
+
+
+SECRET_FLOW = Path(__file__).resolve().parents[1] / "flows" / "secrets" / "secret_flow.py"
+
+
+def test_a_flow_secret_set_with_fab_reaches_only_its_step(deployed, lab):
+    """`fab secrets.set db` (values on standard input), a flow's
+    @secrets(sources=["db"]) in the step's container, and the value nowhere
+    else on the VM or in what Airflow and Metaflow keep."""
+    value = "pw-" + uuid.uuid4().hex
+    res = lab.fab("secrets.set", "db", user="root",
+                  stdin="# for the orders database\nDB_USER=alice\nDB_PASSWORD=%s\n" % value)
+    assert res.returncode == 0, str(res)
+    assert "db holds DB_PASSWORD, DB_USER (encrypted in Airflow's database)" in res.output
+    listed = lab.fab("secrets.list", "--verbose")
+    assert listed.returncode == 0 and "DB_PASSWORD, DB_USER" in listed.output, str(listed)
+    for bad, says in (("just-a-password\n", "line 1 of the value of secret db is not KEY=VALUE"),
+                      ("", "no value for secret db")):
+        refused = lab.fab("secrets.set", "db", stdin=bad)
+        assert refused.returncode != 0 and says in refused.output, str(refused)
+        assert "nothing was changed on the VM" in refused.output
+    dotted = lab.fab("secrets.set", "a.b", stdin="X=1\n")
+    assert dotted.returncode != 0 and "'a.b' is not a platform secret name" in dotted.output
+
+    lab.drop_flow(SECRET_FLOW, "SecretFlow")
+    run_id, state, tis = lab.run_dag("SecretFlow", {})
+    assert state == "success", tis
+    from metaflow_services.spec import run_id_for
+
+    seen, others, texts = lab.client(
+        "r = Run('SecretFlow/%s')\ntexts = [t.stdout + t.stderr for s in r for t in s]\n"
+        "texts += [repr(a.data) for s in r for t in s for a in t]\n"
+        "print(json.dumps([r['start'].task.data.seen, r['end'].task.data.others_see, texts]))"
+        % run_id_for("SecretFlow", run_id))
+    assert seen["user"] == "alice" and seen["digest"] == hashlib.sha256(value.encode()).hexdigest()
+    # A file in the step's container, readable by the step's user alone.
+    assert (seen["file"], seen["mode"], seen["uid"]) == ("/run/metaflow-services/secrets.json",
+                                                        0o400, 50000), seen
+    assert others == []
+    assert not [t for t in texts if value in t], "in Metaflow's logs or artifacts"
+
+    api, base = lab.airflow(), "https://%s/api/v2/dags/SecretFlow/dagRuns/%s" % (VM_IP, run_id)
+    airflow_texts = [tis]
+    for ti in api.get(base + "/taskInstances", timeout=30).json()["task_instances"]:
+        airflow_texts.append(api.get(base + "/taskInstances/%s/logs/1" % ti["task_id"],
+                                     params={"full_content": "true"}, timeout=30).text)
+        for x in api.get(base + "/taskInstances/%s/xcomEntries" % ti["task_id"],
+                         timeout=30).json()["xcom_entries"]:
+            airflow_texts.append(api.get(base + "/taskInstances/%s/xcomEntries/%s"
+                                         % (ti["task_id"], x["key"]), timeout=30).text)
+    assert len(airflow_texts) > 3 and not [t for t in airflow_texts if value in t]
+    row = lab.compose("exec -T -e PGUSER=postgres postgres psql -X -A -t -d airflow -c "
+                      "\"SELECT is_encrypted, val FROM variable WHERE key = 'mfs_secret__db'\"")
+    assert row.startswith("t|") and value not in row and "DB_USER" not in row, row
+    assert lab.sh("docker ps -aq --filter label=metaflow-services=step") == ""
+    found = lab.sh("grep -rlsF %s %s %s /tmp /var/tmp /root /home || true"
+                   % (value, INSTALL_DIR, DATA_DIR))
+    assert found == "", "the value is in files on the VM: %s" % found
+    for text in (res.output, listed.output):
+        assert value not in text
+
+    gone = lab.fab("secrets.delete", "db")
+    assert gone.returncode == 0 and "deleted the platform secret db" in gone.output, str(gone)
+    again = lab.fab("secrets.delete", "db")
+    assert again.returncode != 0 and "no platform secret db" in again.output, str(again)

@@ -17,22 +17,24 @@ Runs after the other deploy tests (file order), on the VM they leave.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shlex
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 import vm as vm_mod
-from deploylab import CACHE, DATA_DIR, INSTALL_DIR, VENV_BIN, VM_IP, _timed
+from deploylab import CACHE, INSTALL_DIR, VENV_BIN, VM_IP, _timed
 
 pytestmark = pytest.mark.deploy
 
 FLOW = Path(__file__).resolve().parents[1] / "flows" / "spread_flow.py"
 WHEELHOUSE_FLOW = Path(__file__).resolve().parents[1] / "flows" / "wheelhouse" / "wheelhouse_flow.py"
-TRIGGERS = Path(__file__).resolve().parents[1] / "flows" / "triggers"
+FLOWS = Path(__file__).resolve().parents[1] / "flows"
+TRIGGERS = FLOWS / "triggers"
 # Plain HTTP: reachable from the main VM (through the host's NAT) whatever
 # CAs it trusts; not from an air-gapped VM.
 OUTSIDE = "http://deb.debian.org/debian/"
@@ -72,36 +74,11 @@ def add_worker(lab, vm1, *extra):
                    "--bundle", str(lab.bundle), *extra, host=vm1.ip)
 
 
-def client(lab, code):
-    """Python with the Metaflow client in the main VM's scheduler container
-    (the stack's own Metaflow settings); returns its JSON output."""
-    out = lab.compose("exec -T airflow-scheduler python -c %s"
-                      % shlex.quote("import json\nfrom metaflow import Run, namespace\n"
-                                    "namespace(None)\n" + code))
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def task_state(lab, run_id, task_id):
     api = lab.airflow()
     tis = api.get("https://%s/api/v2/dags/SpreadFlow/dagRuns/%s/taskInstances" % (VM_IP, run_id),
                   timeout=30).json()["task_instances"]
     return {t["task_id"]: t["state"] for t in tis}.get(task_id)
-
-
-def drop_flow(lab, path, dag_id):
-    """scp the flow into the dags folder as a data scientist would; wait for
-    its DAG and unpause it."""
-    from fabric import Connection
-
-    with Connection(VM_IP, user="deployer", connect_kwargs={"key_filename": str(lab.key)}) as c:
-        c.put(str(path), "%s/dags/%s" % (DATA_DIR, path.name))
-    dag = lab.vm.root / DATA_DIR.lstrip("/") / "dags" / ".metaflow-services" / (dag_id + ".py")
-    api, base = lab.airflow(), "https://%s/api/v2/dags/%s" % (VM_IP, dag_id)
-    deadline = time.time() + 240
-    while not dag.exists() or api.get(base, timeout=30).status_code != 200:
-        assert time.time() < deadline, lab.compose("logs --tail 30 flow-watcher")
-        time.sleep(2)
-    api.patch(base, json={"is_paused": False}, timeout=30).raise_for_status()
 
 
 def test_add_worker_without_main_is_refused_before_anything_changes(lab, worker):
@@ -145,7 +122,7 @@ def test_add_worker_prepares_the_air_gapped_vm_and_registers_it(lab, worker):
 
 def test_a_foreach_spreads_over_both_vms_and_a_routed_step_runs_on_its_queue(lab, worker):
     assert "worker_added" in lab.results, "needs the worker"
-    drop_flow(lab, FLOW, "SpreadFlow")
+    lab.drop_flow(FLOW, "SpreadFlow")
 
     # More splits than the main VM has slots (8 on the test VM: 2 cores), so
     # the main VM alone cannot hold them all: the worker's slots count.
@@ -158,9 +135,9 @@ def test_a_foreach_spreads_over_both_vms_and_a_routed_step_runs_on_its_queue(lab
     where = {}
     deadline = time.time() + 60   # the worker ships its metadata every few seconds
     while True:
-        where = client(lab, "r = Run('SpreadFlow/%s')\nprint(json.dumps({s: sorted({dict((m.name, "
-                            "m.value) for m in t.metadata).get('mfs-worker') for t in r[s]}) for s "
-                            "in ('body', 'special')}))" % mf_run)
+        where = lab.client("r = Run('SpreadFlow/%s')\nprint(json.dumps({s: sorted({dict((m.name, "
+                           "m.value) for m in t.metadata).get('mfs-worker') for t in r[s]}) for s "
+                           "in ('body', 'special')}))" % mf_run)
         if None not in where["body"] or time.time() > deadline:
             break
         time.sleep(5)
@@ -170,13 +147,13 @@ def test_a_foreach_spreads_over_both_vms_and_a_routed_step_runs_on_its_queue(lab
 
 def test_a_pypi_step_on_the_air_gapped_worker_installs_from_the_wheelhouse(lab, worker):
     assert "worker_added" in lab.results, "needs the worker"
-    drop_flow(lab, WHEELHOUSE_FLOW, "WheelhouseFlow")
+    lab.drop_flow(WHEELHOUSE_FLOW, "WheelhouseFlow")
     run_id, state, tis = lab.run_dag("WheelhouseFlow", {}, timeout=900)
     assert state == "success", tis
     from metaflow_services.spec import run_id_for
 
-    data = client(lab, "r = Run('WheelhouseFlow/%s')\nd = r['render'].task.data\n"
-                       "print(json.dumps([d.versions, d.html, d.ran_on]))"
+    data = lab.client("r = Run('WheelhouseFlow/%s')\nd = r['render'].task.data\n"
+                      "print(json.dumps([d.versions, d.html, d.ran_on]))"
                   % run_id_for("WheelhouseFlow", run_id))
     versions, html, ran_on = data
     assert ran_on == "vm1" and versions["jinja2"] == "3.1.4", data
@@ -191,8 +168,8 @@ def test_an_event_starts_a_flow_on_the_worker_and_its_finish_one_on_main(lab, wo
     whose steps run on the worker VM; its end step (on the worker) emits the
     finish event that starts a flow on the main VM."""
     assert "worker_added" in lab.results, "needs the worker"
-    drop_flow(lab, TRIGGERS / "worker_event_flow.py", "WorkerEventFlow")
-    drop_flow(lab, TRIGGERS / "after_worker_flow.py", "AfterWorkerFlow")
+    lab.drop_flow(TRIGGERS / "worker_event_flow.py", "WorkerEventFlow")
+    lab.drop_flow(TRIGGERS / "after_worker_flow.py", "AfterWorkerFlow")
     before = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     proc = subprocess.run([str(VENV_BIN / "metaflow-services"), "publish", "worker.ready"],
                           env=lab.laptop_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -203,15 +180,37 @@ def test_an_event_starts_a_flow_on_the_worker_and_its_finish_one_on_main(lab, wo
     upstream = lab.triggered_run("WorkerEventFlow", before, timeout=60)
     from metaflow_services.spec import run_id_for
 
-    got = client(lab, "w = Run('WorkerEventFlow/%s')\na = Run('AfterWorkerFlow/%s')\n"
-                      "print(json.dumps([w.pathspec, a.data.upstream, w.data.event_name, "
-                      "sorted(dict((m.name, m.value) for m in t.metadata).get('mfs-worker') "
-                      "for s in ('start', 'end') for t in w[s])]))"
+    got = lab.client("w = Run('WorkerEventFlow/%s')\na = Run('AfterWorkerFlow/%s')\n"
+                     "print(json.dumps([w.pathspec, a.data.upstream, w.data.event_name, "
+                     "sorted(dict((m.name, m.value) for m in t.metadata).get('mfs-worker') "
+                     "for s in ('start', 'end') for t in w[s])]))"
                  % (run_id_for("WorkerEventFlow", upstream["dag_run_id"]),
                     run_id_for("AfterWorkerFlow", after["dag_run_id"])))
     assert got[1] == got[0], got                       # current.trigger.run on main
     assert got[2] == "worker.ready" and got[3] == ["vm1", "vm1"], got
 
+
+
+def test_a_flow_secret_reaches_a_step_on_the_worker(lab, worker):
+    """@secrets on a step routed to the worker VM: the worker's task runtime
+    reads the secret from the main VM's Airflow (its execution API), the
+    worker holds no copy of it afterwards."""
+    assert "worker_added" in lab.results, "needs the worker"
+    value = "pw-" + uuid.uuid4().hex
+    res = lab.fab("secrets.set", "db", stdin="DB_PASSWORD=%s\n" % value)
+    assert res.returncode == 0, str(res)
+    lab.drop_flow(FLOWS / "secrets" / "worker_secret_flow.py", "WorkerSecretFlow")
+    run_id, state, tis = lab.run_dag("WorkerSecretFlow", {})
+    assert state == "success", tis
+    from metaflow_services.spec import run_id_for
+
+    digest, machine = lab.client("d = Run('WorkerSecretFlow/%s')['start'].task.data\n"
+                                 "print(json.dumps([d.digest, d.machine]))"
+                                 % run_id_for("WorkerSecretFlow", run_id))
+    assert machine == "vm1" and digest == hashlib.sha256(value.encode()).hexdigest()
+    found = worker.run("grep -rlsF %s /opt /srv /tmp /var/tmp /root /home || true" % value).stdout
+    assert found.strip() == "", "the value stayed on the worker VM: %s" % found
+    assert lab.fab("secrets.delete", "db").returncode == 0
 
 def assert_single_vm(lab):
     cs = lab.wait_healthy()
@@ -282,8 +281,8 @@ def test_a_worker_vm_dying_mid_task_is_retried_on_the_main_vm(lab, worker):
                                        timeout=30).text
     from metaflow_services.spec import run_id_for
 
-    slow = client(lab, "t = Run('SpreadFlow/%s')['slow'].task\nprint(json.dumps("
-                       "[t.current_attempt, t.data.ran_on]))" % run_id_for("SpreadFlow", run_id))
+    slow = lab.client("t = Run('SpreadFlow/%s')['slow'].task\nprint(json.dumps("
+                      "[t.current_attempt, t.data.ran_on]))" % run_id_for("SpreadFlow", run_id))
     assert slow == [1, "main"], slow   # Metaflow's next attempt, on the surviving machine
     print("worker VM killed; the task's retry succeeded on the main VM %.0f s later" % recovered)
 
