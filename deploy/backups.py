@@ -33,6 +33,7 @@ from metaflow_services import archive, encryption
 
 from . import bundle as bundle_mod
 from . import commands as cmd
+from . import credentials
 from . import packages
 from . import runs as runs_mod
 from . import stack
@@ -342,8 +343,8 @@ def extract_config(path: Path, dest: Path) -> dict:
     return found
 
 
-RESTORE = ([steps.install_docker, steps.upload_stack, install_backup_config, steps.ensure_secrets,
-            steps.certificate, steps.configure, packages.install, steps.images, load_backup,
+RESTORE = ([steps.install_docker, steps.upload_stack, install_backup_config, credentials.ensure_secrets,
+            credentials.certificate, steps.configure, packages.install, steps.images, load_backup,
             hold_runs] + steps.GO_LIVE)
 
 

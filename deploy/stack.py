@@ -208,8 +208,8 @@ def sizing(o: Options, cores: int, memory_gb: float):
 
 def settings_env(o: Options, facts: dict) -> str:
     """The non-secret half of .env (the secrets are appended on the VM).
-    facts: docker_gid, cores, memory_gb, tls_sha (from the VM), workers (the
-    worker registry, state/workers.json)."""
+    facts: docker_gid, cores, memory_gb, tls_sha, jwt_key_sha (from the VM),
+    workers (the worker registry, state/workers.json)."""
     parallelism, parsing = sizing(o, facts["cores"], facts["memory_gb"])
     workers = facts.get("workers") or {}
     user_slots = parallelism + sum(int(w.get("slots") or 0) for w in workers.values())
@@ -252,6 +252,8 @@ def settings_env(o: Options, facts: dict) -> str:
         "MFS_DOCKER_GID": facts["docker_gid"],
         "MFS_PROXY_CONFIG_SHA": proxy_config_sha(),
         "MFS_TLS_SHA": facts["tls_sha"],
+        # A new token signing key restarts the api-server and scheduler.
+        "MFS_JWT_KEY_SHA": facts.get("jwt_key_sha") or "none",
         **packages_env(o),
     }
     if workers:

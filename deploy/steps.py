@@ -20,9 +20,10 @@ from metaflow_services import __version__
 from . import bundle as bundle_mod
 from . import commands as cmd
 from . import config as config_mod
+from . import credentials
 from . import health
 from . import packages as packages_mod
-from . import stack, validation
+from . import stack
 from .remote import DeployError
 from .session import DATA_GROUP, DOCKER_ROOT, Session, duration, local_user, version_tuple
 
@@ -198,7 +199,7 @@ def _start_docker(s: Session):
 
 
 # ---------------------------------------------------------------------------
-# 3. files, secrets, certificate, settings
+# 3. files and settings (secrets, certificate, signing key: credentials.py)
 # ---------------------------------------------------------------------------
 
 
@@ -220,42 +221,14 @@ def upload_stack(s: Session):
     s.out.ok("%s (%d files)" % ("updated" if current else "uploaded", len(stack.STACK_FILES)))
 
 
-def ensure_secrets(s: Session):
-    s.out.step("secrets (%s/secrets.env, mode 0600, generated on the VM once)" % s.dir)
-    res = s.r.stdout(cmd.ensure_secrets(s.dir, stack.secrets(s.o)),
-                     what="generating secrets").strip()
-    s.out.ok(res.replace("generated:", "generated"))
-
-
-def certificate(s: Session):
-    s.out.step("TLS certificate")
-    o = s.o
-    if s.keep_certificate:
-        s.out.ok("kept the backup's certificate")
-    elif o.tls.cert:
-        cert = Path(o.tls.cert).expanduser().read_text()
-        res = s.r.stdout(cmd.write_file("%s/tls/cert.pem" % s.dir, cert, "0644"),
-                         what="installing the TLS certificate").strip()
-        s.out.ok("certificate from %s: %s" % (o.tls.cert, res))
-        tmp = s.r.put_private(Path(o.tls.key).expanduser(), "key.pem")
-        res = s.r.stdout(cmd.install_uploaded(tmp, "%s/tls/key.pem" % s.dir, "0600"),
-                         what="installing the TLS key").strip()
-        s.out.ok("key from %s: %s" % (o.tls.key, res))
-        s.r.run(cmd.remove_files("%s/tls/.self-signed-for" % s.dir))
-    else:
-        res = s.r.stdout(cmd.self_signed_cert(s.dir, o.public_host, validation.is_ip(o.public_host)),
-                         what="generating a self-signed certificate").strip()
-        s.out.ok("self-signed for %s: %s" % (o.public_host, res))
-    s.facts["tls_sha"] = s.r.stdout(cmd.tls_fingerprint(s.dir),
-                                    what="reading the certificate").strip()
-
-
 def configure(s: Session):
     s.out.step("settings, folders, volumes")
     f = s.facts
+    credentials.signing_key(s)
     env = stack.settings_env(s.o, {
         "docker_gid": f["docker_gid"], "cores": int(f.get("cores") or 1),
-        "memory_gb": memory_gb(f), "tls_sha": f["tls_sha"], "workers": s.workers})
+        "memory_gb": memory_gb(f), "tls_sha": f["tls_sha"], "jwt_key_sha": f["jwt_key_sha"],
+        "workers": s.workers})
     s.r.run(cmd.write_file(s.dir + "/settings.env", env, "0600"), what="writing settings.env")
     res = s.r.stdout(cmd.assemble_env(s.dir), what="writing .env").strip()
     s.out.ok(".env (settings + secrets): %s" % res)
@@ -431,6 +404,7 @@ def start(s: Session):
     s.r.run(cmd.smoke_pending(s.dir, "set"), what="recording the pending smoke test")
     for line in p.lines():
         s.out.info(line)
+    credentials.requeue_for_new_key(s, containers)
     stale = [c["id"] for c in containers if c["service"] in p.remove]
     if stale:
         s.r.run(cmd.remove_containers(stale), what="removing containers no longer needed")
@@ -484,8 +458,8 @@ def summary(s: Session):
 
 
 # Everything up to the images: no service is (re)started yet.
-PREPARE = [install_docker, upload_stack, ensure_secrets, certificate, configure, packages_mod.install,
-           images]
+PREPARE = [install_docker, upload_stack, credentials.ensure_secrets, credentials.certificate,
+           configure, packages_mod.install, images]
 # The new configuration goes live and is proven.
 GO_LIVE = [dags_folder, start, health.wait_healthy, health.check_proxy, health.bucket, health.smoke_test,
            record]

@@ -5,6 +5,7 @@ fabfile.py imports this module.
 
     session.py   connect, options, state on the VM (record, secrets, lock)
     steps.py     the deploy engine: ordered lists of steps
+    credentials.py  secrets, certificate, token signing key (steps)
     health.py    waiting for health, proxy, bucket, smoke test
     backups.py   backup, restore (RESTORE steps), upgrade with rollback
     workers.py   add-worker (WORKER steps), remove-worker

@@ -8,7 +8,10 @@ key is needed.
   usual) and puts the DAG file at ``s3://BUCKET/mfs-deployer/dags/<stem>.py``.
 - The VM's flow-watcher checks that folder every few seconds. A new or changed
   file is checked (a DAG spec this version reads, a DAG id no flow file in the
-  dags folder holds) and installed as ``.metaflow-services/deployed__<stem>.py``
+  dags folder holds) and its DAG file is written again from the spec alone by
+  this version's template, so whatever else the upload holds never runs in
+  Airflow (the bucket's keys are not the right to run code in its
+  dag-processor). It is installed as ``.metaflow-services/deployed__<stem>.py``
   (worker VMs get it like every generated DAG); a removed object removes its
   file. Its verdict goes to ``mfs-deployer/status/<stem>.json`` with the ETag
   it judged, which the workstation waits for.
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 from . import objectstore
-from .spec import SPEC_VERSION, write_atomic
+from .spec import SPEC_VERSION, render_dag_file, write_atomic
 
 log = logging.getLogger("metaflow_services.inbox")
 
@@ -151,11 +154,13 @@ class Inbox:
     def _install(self, stem, etag, held):
         body = self.s3.get_object(Bucket=self.bucket, Key=DAGS + stem + ".py")["Body"].read()
         try:
-            text = body.decode("utf-8")
-            spec = spec_of(text)
+            spec = spec_of(body.decode("utf-8"))
             problem = self._problem(stem, spec, held)
-        except (ValueError, SyntaxError, UnicodeDecodeError) as e:
-            problem = "the deployed file is not a DAG file this deployment generates (%s)" % e
+            # Only the spec is taken: the file is this version's rendering of it.
+            text = None if problem else render_dag_file(spec)
+        except (ValueError, SyntaxError, UnicodeDecodeError, KeyError, TypeError,
+                AttributeError) as e:
+            problem = "the deployed file is not a DAG file this deployment generates (%r)" % e
         if problem:
             log.warning("Refused the deployed DAG %s: %s", stem, problem)
             self._status(stem, etag, "refused", problem)

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(not HAVE_COMPOSE, reason="needs the docker compo
                                                          "(scripts/host-setup installs it)")
 LONG_RUNNING_AIRFLOW = ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
                         "airflow-triggerer", "maintenance", "flow-watcher")
-FACTS = {"docker_gid": "988", "cores": 2, "memory_gb": 3.8, "tls_sha": "0123456789abcdef"}
+FACTS = {"docker_gid": "988", "cores": 2, "memory_gb": 3.8, "tls_sha": "fedcba9876543210",
+         "jwt_key_sha": "0123456789abcdef"}
 
 
 def render(tmp_path, workers=None, **options):
@@ -132,7 +133,9 @@ def test_airflow_services_share_one_configuration(full):
     for name in LONG_RUNNING_AIRFLOW:
         svc = cfg["services"][name]
         assert svc["image"] == stack.images(o)["airflow"]
-        assert svc["user"] == ("0:0" if name == "maintenance" else "50000:0")
+        # The flow-watcher imports users' code: not in the root group.
+        assert svc["user"] == {"maintenance": "0:0", "flow-watcher": "50000:50000"}.get(
+            name, "50000:0")
         assert svc["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
     # Housekeeping and backups: the retention settings, the backup folder
     # (also the postgres service's, for pg_dump), the install folder read only.
@@ -205,6 +208,26 @@ def test_scheduled_backups_get_the_encryption_recipients(tmp_path):
     _, _, cfg = render(tmp_path, **{"backup.encrypt_to": "%s,%s" % (age_pub, ssh_pub)})
     assert cfg["services"]["maintenance"]["environment"]["MFS_BACKUP_ENCRYPT_TO"] == \
         "%s,%s" % (age_pub, " ".join(ssh_pub.split()[:2]))
+
+
+def test_only_the_api_server_and_scheduler_read_the_token_signing_key(full):
+    _, _, cfg = full
+    signers = {"airflow-api-server", "airflow-scheduler"}
+    for name, svc in cfg["services"].items():
+        env = svc.get("environment") or {}
+        mounts = {v["target"]: (v["source"], v.get("read_only", False))
+                  for v in svc.get("volumes") or [] if isinstance(v, dict)}
+        if name in signers:
+            assert env["AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH"] == \
+                "/opt/airflow/jwt/signing-key.pem"
+            assert mounts["/opt/airflow/jwt"][1] is True
+            assert mounts["/opt/airflow/jwt"][0].endswith("/state/airflow-jwt")
+            # A new key restarts them (the deploy puts its fingerprint here).
+            assert svc["labels"]["org.metaflow-services.jwt-key"] == "0123456789abcdef"
+            assert env["MFS_STEP_IMAGE"], "the signers keep the whole Airflow environment"
+        else:
+            assert "AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH" not in env, name
+            assert not any("airflow-jwt" in src for src, _ in mounts.values()), name
 
 
 def test_the_flow_watcher_compiles_flows_into_the_dags_folder(full):

@@ -258,6 +258,20 @@ def test_airflow_passwords_file(tmp_path):
 
 
 @needs_root
+def test_the_token_signing_key_is_made_once_for_the_airflow_user_only(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    state, sha = sh(cmd.jwt_signing_key(str(tmp_path), 50000)).split()
+    assert state == "generated" and len(sha) == 16
+    key = tmp_path / "state" / "airflow-jwt" / "signing-key.pem"
+    assert isinstance(load_pem_private_key(key.read_bytes(), None), Ed25519PrivateKey)
+    assert (key.stat().st_uid, stat.S_IMODE(key.stat().st_mode)) == (50000, 0o600)
+    assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
+    assert sh(cmd.jwt_signing_key(str(tmp_path), 50000)).split() == ["exists", sha]
+
+
+@needs_root
 def test_self_signed_certificate_is_made_once_per_host(tmp_path):
     from cryptography import x509
 

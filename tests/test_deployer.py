@@ -8,6 +8,7 @@ API, found again with from_deployment and deleted."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -117,6 +118,40 @@ def test_a_deployed_dag_the_deployment_cannot_read_is_refused(lab):
         inbox.wait_installed(s3, bucket, "Broken", etag, timeout=60)
     assert not (lab["dags"] / "deployed__Broken.py").exists()
     assert inbox.withdraw(s3, bucket, "Broken")
+
+
+def test_only_the_spec_of_a_deployed_dag_file_is_installed(lab, tmp_path):
+    """The bucket's keys let a workstation deploy flows, not run code in
+    Airflow's dag-processor: code added to a deployed DAG file, or a flow
+    file name that would end the file's docstring, never reaches the
+    installed file, which is rendered again from the spec."""
+    from metaflow import Deployer
+
+    from metaflow_services import inbox, objectstore
+
+    local = tmp_path / "dags"
+    env = {k: v for k, v in lab["env"].items() if k != "MFS_AIRFLOW_PASSWORD"}
+    Deployer(str(FLOW), env=env).airflow3(dag_id="TamperedFlow", dags_folder=str(local)).create()
+    text = (local / "TamperedFlow.py").read_text()
+    marker = tmp_path / "ran"
+    head, literal = text.split("SPEC = ", 1)
+    # A flow file name that would end the docstring, and a line of code.
+    literal = literal.replace("'deployer_flow.py'", repr('x"""; open(%r, "w") #' % str(marker)), 1)
+    tampered = head + "SPEC = " + literal + "\nopen(%r, 'w').write('ran')\n" % str(marker)
+    s3, bucket = objectstore.s3_client(), objectstore.bucket_name()
+    etag = inbox.put_dag(s3, bucket, "TamperedFlow", tampered)
+    try:
+        inbox.wait_installed(s3, bucket, "TamperedFlow", etag, timeout=60)
+        installed = lab["dags"] / "deployed__TamperedFlow.py"
+        tree = ast.parse(installed.read_text())
+        # The template's four statements: docstring, import, SPEC, dag.
+        assert [type(n).__name__ for n in tree.body] == ["Expr", "ImportFrom", "Assign", "Assign"]
+        assert isinstance(tree.body[0].value.value, str)
+        assert inbox.spec_of(installed.read_text()) == inbox.spec_of(tampered)
+        lab["api"].wait_for_dag("TamperedFlow")  # Airflow parsed the installed file
+        assert not marker.exists()
+    finally:
+        assert inbox.withdraw(s3, bucket, "TamperedFlow")
 
 
 def test_the_deployer_into_a_local_dags_folder(lab, tmp_path):

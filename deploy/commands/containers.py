@@ -181,6 +181,22 @@ def delete_data(volumes, folders) -> str:
         " ".join(q(v) for v in volumes), " ".join(q(f) for f in folders))
 
 
+# Edge jobs waiting for a worker carry a token signed when they were queued:
+# with a new signing key they go back to the scheduler, which queues them
+# again with a token it signs then (nothing is lost, nothing runs twice).
+# Prints: jobs moved back, tasks running (their tokens are the old kind).
+EDGE_JOB_TABLE = "SELECT to_regclass('public.edge_job') IS NOT NULL"
+REQUEUE_EDGE_JOBS = (
+    "WITH moved AS (DELETE FROM edge_job WHERE state = 'queued' "
+    "RETURNING dag_id, task_id, run_id, map_index), "
+    "requeued AS (UPDATE task_instance ti SET state = 'scheduled', queued_by_job_id = NULL "
+    "FROM moved m WHERE ti.dag_id = m.dag_id AND ti.task_id = m.task_id "
+    "AND ti.run_id = m.run_id AND ti.map_index = m.map_index AND ti.state = 'queued' "
+    "RETURNING ti.task_id) "
+    "SELECT (SELECT count(*) FROM requeued), "
+    "(SELECT count(*) FROM task_instance WHERE state = 'running')")
+
+
 def airflow_sql(install_dir, sql) -> str:
     """One SQL statement on Airflow's database, as the postgres superuser over
     the server's local socket (works before Airflow starts, as in a restore).

@@ -81,6 +81,20 @@ def ensure_secrets(install_dir, secrets) -> str:
     return "\n".join(lines)
 
 
+def jwt_signing_key(install_dir, uid) -> str:
+    """The Ed25519 key Airflow signs its tokens with (API users' and tasks'),
+    made once, readable by the airflow user only; it never leaves the main VM
+    (worker VMs hold only the edge workers' shared secret). Prints
+    'generated' or 'exists', then the key's fingerprint."""
+    d = q(install_dir + "/state/airflow-jwt")
+    return ("set -e; install -d -m 0700 -o %d -g 0 %s; "
+            "if [ -s %s/signing-key.pem ]; then echo exists; else umask 077; "
+            "openssl genpkey -algorithm ed25519 -out %s/signing-key.pem.new 2>/dev/null; "
+            "chown %d:0 %s/signing-key.pem.new; mv -f %s/signing-key.pem.new %s/signing-key.pem; "
+            "echo generated; fi; sha256sum %s/signing-key.pem | cut -c1-16"
+            % (uid, d, d, d, uid, d, d, d, d))
+
+
 def self_signed_cert(install_dir, host, is_ip) -> str:
     """A self-signed certificate for *host*, made once; made again only if the
     host changed (a new public_host)."""

@@ -69,31 +69,47 @@ def _token_claims(lab):
 
 
 def test_airflow_refuses_forged_and_expired_tokens(deployed, lab):
+    """Airflow signs with the VM's Ed25519 key (EdDSA): a token made with the
+    secret worker VMs hold, or with any other key, or past its expiry, is
+    refused by the REST API and by the execution API tasks use."""
     import jwt
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     url = "https://%s/api/v2/dags" % VM_IP
     token, header, claims = _token_claims(lab)
+    assert header["alg"] == "EdDSA", header
 
-    def get(t):
-        r = requests.get(url, headers={"Authorization": "Bearer %s" % t}, verify=lab.ca,
+    def get(t, where=url):
+        r = requests.get(where, headers={"Authorization": "Bearer %s" % t}, verify=lab.ca,
                          timeout=30)
         if r.status_code == 200:
             assert "dags" in r.json()
             return 200
-        assert "dags" not in r.text, r.text[:300]        # refused, and nothing in the answer
+        assert "dags" not in r.text and "DB_" not in r.text, r.text[:300]  # nothing leaks
         return "refused" if r.status_code in (401, 403) else r.status_code
 
-    assert get(token) == 200                                 # the real one works
-    alg = header["alg"]
-    forged = jwt.encode(claims, "a-secret-that-is-not-the-deployment's-" * 2, algorithm=alg)
-    assert get(forged) == "refused"
-    # A stolen token past its expiry: the same claims and the deployment's
-    # own signing secret, only the times moved into the past.
+    key = load_pem_private_key(
+        (lab.vm.root / INSTALL_DIR.lstrip("/") / "state/airflow-jwt/signing-key.pem").read_bytes(),
+        password=None)
+    kid = {"kid": header["kid"]}
     now = int(time.time())
-    expired = jwt.encode(dict(claims, iat=now - 7200, nbf=now - 7200, exp=now - 3600),
-                         lab.secret("MFS_AIRFLOW_JWT_SECRET"), algorithm=alg,
-                         headers={k: v for k, v in header.items() if k not in ("alg", "typ")})
-    assert get(expired) == "refused"
+    assert get(token) == 200                                 # the real one works
+    # The test signs as the VM does: the same claims, re-signed, pass...
+    assert get(jwt.encode(claims, key, algorithm="EdDSA", headers=kid)) == 200
+    # ...and a stolen token past its expiry does not.
+    expired = dict(claims, iat=now - 7200, nbf=now - 7200, exp=now - 3600)
+    assert get(jwt.encode(expired, key, algorithm="EdDSA", headers=kid)) == "refused"
+    # What a worker VM holds (the edge workers' secret) mints nothing Airflow takes.
+    edge_secret = lab.secret("MFS_AIRFLOW_JWT_SECRET")
+    for alg, headers in (("HS512", {"kid": "not-used"}), ("HS256", kid)):
+        assert get(jwt.encode(claims, edge_secret, algorithm=alg, headers=headers)) == "refused"
+    task_claims = {"sub": str(uuid.uuid4()), "aud": "urn:airflow.apache.org:task",
+                   "iat": now, "nbf": now, "exp": now + 600}
+    variable = "https://%s/execution/variables/mfs_secret__db" % VM_IP
+    assert get(jwt.encode(task_claims, edge_secret, algorithm="HS512"), variable) == "refused"
+    other_key = Ed25519PrivateKey.generate()
+    assert get(jwt.encode(claims, other_key, algorithm="EdDSA", headers=kid)) == "refused"
     assert get(token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")) == "refused"
     assert get("") == "refused"
 
@@ -127,12 +143,15 @@ def test_only_tls_1_2_and_1_3_are_offered(deployed, lab, name):
 def test_every_file_that_holds_a_secret_is_root_only(deployed, lab):
     listing = lab.sh(
         "cd %s && for f in secrets.env .env tls/key.pem; do stat -c '%%n %%a %%U' $f; done; "
-        "stat -c '%%n %%a %%u' state/airflow-auth/passwords.json; "
+        "stat -c '%%n %%a %%u' state/airflow-auth/passwords.json state/airflow-jwt "
+        "state/airflow-jwt/signing-key.pem; "
         "stat -c '%%n %%a %%U' %s" % (INSTALL_DIR, BACKUP_DIR)).splitlines()
     modes = {line.split()[0]: line.split()[1:] for line in listing}
     for name in ("secrets.env", ".env", "tls/key.pem"):
         assert modes[name] == ["600", "root"], (name, modes[name])
     assert modes["state/airflow-auth/passwords.json"] == ["600", "50000"]
+    assert modes["state/airflow-jwt/signing-key.pem"] == ["600", "50000"]
+    assert modes["state/airflow-jwt"] == ["700", "50000"]
     assert modes[BACKUP_DIR] == ["700", "root"]
     # Nothing under the install folder is world-readable that holds a secret.
     secrets = [line.split("=", 1)[1] for line in lab.sh(
@@ -142,6 +161,12 @@ def test_every_file_that_holds_a_secret_is_root_only(deployed, lab):
               if any(v in (lab.vm.root / f.lstrip("/")).read_text(errors="replace")
                      for v in secrets if len(v) >= 16)]
     assert leaked == [], leaked
+
+    # The flow-watcher imports users' flow files with the VM's /etc mounted
+    # (for owners' names): outside the root group, root-group files stay shut.
+    probe = lab.compose("exec -T flow-watcher sh -c 'id -u; id -G; test -r /run/host/etc/passwd "
+                        "&& echo passwd; cat /run/host/etc/sudoers >/dev/null 2>&1 || echo shut'")
+    assert probe.split() == ["50000", "50000", "passwd", "shut"], probe
 
 
 SECRET_FLOW = Path(__file__).resolve().parents[1] / "flows" / "secrets" / "secret_flow.py"

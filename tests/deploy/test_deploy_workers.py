@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import subprocess
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -210,6 +212,95 @@ def test_a_flow_secret_reaches_a_step_on_the_worker(lab, worker):
     assert machine == "vm1" and digest == hashlib.sha256(value.encode()).hexdigest()
     found = worker.run("grep -rlsF %s /opt /srv /tmp /var/tmp /root /home || true" % value).stdout
     assert found.strip() == "", "the value stayed on the worker VM: %s" % found
+    lab.results["worker_secret"] = value
+
+
+def worker_compose(worker, args, timeout=300):
+    return worker.run("cd %s && docker compose %s" % (INSTALL_DIR, args), timeout=timeout).stdout
+
+
+def test_a_token_minted_on_the_worker_vm_is_refused_by_the_main_vm(lab, worker):
+    """Root on a worker VM has the edge workers' secret: with it, in the
+    worker's own edge-worker container, it mints an admin token and a task
+    token; the main VM's Airflow refuses both (it signs with a key only the
+    main VM holds)."""
+    assert "worker_added" in lab.results, "needs the worker"
+    mint = textwrap.dedent("""
+        import json, os, time, uuid, urllib.request, ssl, jwt
+        secret, now = os.environ["AIRFLOW__API_AUTH__JWT_SECRET"], int(time.time())
+        admin = json.loads(os.environ["MFS_CLAIMS"])  # a real admin token's claims
+        task = {"sub": str(uuid.uuid4()), "aud": "urn:airflow.apache.org:task",
+                "iat": now, "nbf": now, "exp": now + 600}
+        ctx = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+        out = {}
+        for name, claims, path in (("api", admin, "/api/v2/dags"),
+                                   ("task", task, "/execution/variables/mfs_secret__db")):
+            req = urllib.request.Request(os.environ["MFS_MAIN_URL"] + path, headers={
+                "Authorization": "Bearer " + jwt.encode(claims, secret, algorithm="HS512",
+                                                        headers={"kid": "not-used"})})
+            try:
+                out[name] = urllib.request.urlopen(req, context=ctx, timeout=30).status
+            except urllib.error.HTTPError as e:
+                out[name] = e.code
+        print(json.dumps(out))
+        """)
+    import jwt
+
+    claims = jwt.decode(lab.airflow_token().json()["access_token"],
+                        options={"verify_signature": False})
+    out = worker_compose(worker, "exec -T -e MFS_MAIN_URL=https://%s -e MFS_CLAIMS=%s edge-worker "
+                                 "python -c %s" % (VM_IP, shlex.quote(json.dumps(claims)),
+                                                   shlex.quote(mint)))
+    codes = json.loads(out.strip().splitlines()[-1])
+    assert set(codes) == {"api", "task"} and set(codes.values()) <= {401, 403}, codes
+
+
+def test_tasks_waiting_for_a_worker_survive_a_new_signing_key(lab, worker):
+    """A deployment from before this version has no signing key (tokens were
+    made with the shared secret); fab deploy makes one. A task queued for the
+    worker holds a token signed the old way: the deploy queues it again with a
+    new token, and it runs. Simulated by removing the key of this deployment."""
+    assert "worker_secret" in lab.results, "needs the worker and the secret db"
+    worker_compose(worker, "exec -T edge-worker airflow edge maintenance on --comments "
+                           "'test: hold the queue' --wait")
+    try:
+        api = lab.airflow()
+        base = "https://%s/api/v2/dags/WorkerSecretFlow" % VM_IP
+        run_id = "rekey-%d" % time.time()
+        api.post(base + "/dagRuns", json={"logical_date": None, "dag_run_id": run_id,
+                                          "conf": {}}, timeout=30).raise_for_status()
+        deadline = time.time() + 300
+        while "queued" not in lab.compose(
+                "exec -T -e PGUSER=postgres postgres psql -X -A -t -d airflow -c \"SELECT state "
+                "FROM edge_job WHERE dag_id = 'WorkerSecretFlow' AND run_id = '%s'\"" % run_id):
+            assert time.time() < deadline, "the task never waited in the edge queue"
+            time.sleep(2)
+        lab.sh("rm %s/state/airflow-jwt/signing-key.pem" % INSTALL_DIR)
+        with _timed("fab deploy making a new signing key"):
+            res = lab.deploy()
+        (CACHE / "deploy-new-key.log").write_text(str(res))
+        assert res.returncode == 0, str(res)
+        assert "token signing key (Ed25519" in res.output and ": generated" in res.output
+        assert "1 task(s) waiting for a worker queued again with new tokens" in res.output, \
+            res.output
+    finally:
+        worker_compose(worker, "exec -T edge-worker airflow edge maintenance off")
+    stale = api.get(base + "/dagRuns/" + run_id, timeout=30)
+    assert stale.status_code in (401, 403), stale.text   # a token from before the new key
+    api, deadline = lab.airflow(), time.time() + 600
+    while (state := api.get(base + "/dagRuns/" + run_id, timeout=30).json()["state"]) not in (
+            "success", "failed"):
+        assert time.time() < deadline, "run still %s" % state
+        time.sleep(3)
+    assert state == "success", api.get(base + "/dagRuns/%s/taskInstances" % run_id,
+                                       timeout=30).text
+    from metaflow_services.spec import run_id_for
+
+    digest, machine = lab.client("d = Run('WorkerSecretFlow/%s')['start'].task.data\n"
+                                 "print(json.dumps([d.digest, d.machine]))"
+                                 % run_id_for("WorkerSecretFlow", run_id))
+    value = lab.results["worker_secret"]
+    assert machine == "vm1" and digest == hashlib.sha256(value.encode()).hexdigest()
     assert lab.fab("secrets.delete", "db").returncode == 0
 
 def assert_single_vm(lab):
