@@ -2,11 +2,12 @@
 the Airflow worker.
 
 Both executors run the same program, ``bootstrap.py`` (as ``python -c``), with
-the same environment; they differ only in isolation. A step's platform
-secrets reach it as a file only its user can read (MFS_SECRETS_FILE), written
-before the step starts and gone with the container or after the subprocess. ``run`` blocks, feeds
+the same environment; they differ only in isolation. ``run`` blocks, feeds
 every output line to a callback and returns the exit code; ``kill_all`` (called
 when Airflow cancels or times out the task) stops everything still running.
+A step's platform secrets (@secrets) reach it as a file only its user can
+read (MFS_SECRETS_FILE), written before the step starts and gone with the
+container, or after the subprocess.
 """
 
 from __future__ import annotations
