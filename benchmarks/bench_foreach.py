@@ -1,0 +1,149 @@
+"""Benchmark (issue 15): a wide foreach through Airflow with the deploy's
+defaults (docker executor) against Metaflow's own runtime (`python flow.py
+run`), in one run on this machine with the same S3 server and metadata.
+Prints numbers and, as its last line, ratio=<airflow seconds / metaflow
+seconds>; asserts nothing.
+
+    .venv/bin/python benchmarks/bench_foreach.py --width 300
+    .venv/bin/python benchmarks/bench_foreach.py --linear 10     # the 10-step linear flow
+
+Where the time goes, for the foreach's body tasks (from Airflow's task
+instances and the times each task's user code records):
+- start:    the task instance starting -> its user code starting (container
+            start, Python, Metaflow's import, code package, metadata calls);
+- user:     the user code itself;
+- finish:   user code done -> the task instance done (artifacts, metadata,
+            container removal, XCom);
+- waiting:  the body's span minus what its tasks kept slots busy for, per slot
+            (Airflow's scheduling of mapped tasks, queueing behind parallelism).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+
+from metaflow_services import local  # noqa: E402
+
+# The deploy's default on a 4 GB, 2-core VM: 4 task slots (deploy/stack.py
+# sizing); Metaflow's runtime gets the same number of workers.
+SLOTS = 4
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--width", type=int, default=300, help="splits of the foreach")
+    ap.add_argument("--linear", type=int, choices=[10], help="run the 10-step linear flow instead")
+    ap.add_argument("--executor", default="docker")
+    ap.add_argument("--step-image", default="mfs-step:test")
+    ap.add_argument("--slots", type=int, default=SLOTS)
+    args = ap.parse_args()
+    if args.linear:
+        flow_file, dag_id, conf = HERE / "flows" / "linear10_flow.py", "Linear10Flow", {}
+    else:
+        flow_file, dag_id, conf = (HERE / "flows" / "wide_foreach_flow.py", "WideForeachFlow",
+                                   {"width": args.width})
+
+    base, mflocal = local.scratch_dir("mfs-bench-foreach-")
+    s3, pg = local.SeaweedFS(base), local.Postgres(base)
+    env = local.metaflow_env(s3, mflocal, "bench")
+    os.environ.update(env)
+    af = None
+    try:
+        print("starting PostgreSQL, SeaweedFS, Airflow ...", flush=True)
+        s3.start()
+        pg.start()
+        af = local.Airflow(base, pg, env, max_map_length=1024,
+                           airflow_env={"AIRFLOW__CORE__PARALLELISM": str(args.slots)})
+        af.start(local.worker_env(args.executor, base, mflocal, args.step_image))
+        api = af.api()
+        subprocess.run([str(local.VENV_BIN / "metaflow-services"), "compile", str(flow_file),
+                        "-o", str(af.dags)], check=True, stdout=subprocess.DEVNULL)
+        api.wait_for_dag(dag_id)
+
+        t = time.time()
+        extra = ["--width", str(args.width)] if not args.linear else []
+        subprocess.run([sys.executable, str(flow_file), "--no-pylint", "run", "--max-workers",
+                        str(args.slots)] + extra, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, cwd=str(flow_file.parent))
+        native = time.time() - t
+        print("metaflow runtime (%d workers): %.1f s" % (args.slots, native), flush=True)
+
+        t = time.time()
+        run_id = api.trigger(dag_id, conf, run_id="bench__%d" % time.time())
+        state = api.wait_for_run(dag_id, run_id, timeout=6 * 3600)
+        airflow = time.time() - t
+        if state != "success":
+            raise SystemExit("the Airflow run ended %s" % state)
+        print("airflow + %s executor (%d slots): %.1f s" % (args.executor, args.slots, airflow),
+              flush=True)
+        breakdown(api, dag_id, run_id, "step1" if args.linear else "work", args.slots)
+    finally:
+        if af:
+            af.stop()
+        pg.stop()
+        s3.stop()
+    print("ratio=%.2f" % (airflow / native))
+
+
+def breakdown(api, dag_id, run_id, body, slots):
+    from metaflow import Run, namespace
+
+    from metaflow_services.spec import run_id_for
+
+    namespace(None)
+    run = Run("%s/%s" % (dag_id, run_id_for(dag_id, run_id)))
+    user = {}
+    for step in run:
+        for task in step:
+            started = task["started"].data
+            # The linear flow's steps record only when they start.
+            user[(step.id, task.id)] = (started, task["ended"].data if "ended" in task
+                                        else started)
+
+    def ts(v):
+        return datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+
+    starts, users, finishes, spans = [], [], [], []
+    for ti in api.task_instances(dag_id, run_id):
+        if not ti["start_date"] or not ti["end_date"]:
+            continue
+        tid = "t-%d" % ti["map_index"] if ti["map_index"] >= 0 else "t-0"
+        if (ti["task_id"], tid) not in user:
+            continue
+        u0, u1 = user[(ti["task_id"], tid)]
+        t0, t1 = ts(ti["start_date"]), ts(ti["end_date"])
+        if ti["task_id"] == body:
+            starts.append(u0 - t0)
+            users.append(u1 - u0)
+            finishes.append(t1 - u1)
+            spans.append((t0, t1))
+    if not spans:
+        return
+    span = max(e for _, e in spans) - min(s for s, _ in spans)
+    busy = sum(e - s for s, e in spans) / slots
+    print("body %r: %d tasks over %.1f s; per task median: start %.2f s, user %.3f s, "
+          "finish %.2f s; waiting for Airflow %.1f s (%.0f%% of the span)"
+          % (body, len(spans), span, statistics.median(starts), statistics.median(users),
+             statistics.median(finishes), max(0.0, span - busy),
+             100 * max(0.0, span - busy) / span if span else 0), flush=True)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / ("foreach-%s.json" % time.strftime("%Y%m%d-%H%M%S"))).write_text(json.dumps({
+        "tasks": len(spans), "span": span, "start": starts, "user": users,
+        "finish": finishes}))
+
+
+if __name__ == "__main__":
+    main()
