@@ -21,7 +21,7 @@ import pytest
 import harness
 from support import BASE, FLOWS, MFLOCAL, VENV_BIN, compile_flow, two_step_flow
 
-SECRET_FLOW = FLOWS / "secrets" / "secret_flow.py"
+SECRET_FLOW = FLOWS / "platform_secrets" / "secret_flow.py"
 
 
 def cli(airflow, *args, stdin=""):

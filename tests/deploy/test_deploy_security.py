@@ -169,7 +169,7 @@ def test_every_file_that_holds_a_secret_is_root_only(deployed, lab):
     assert probe.split() == ["50000", "50000", "passwd", "shut"], probe
 
 
-SECRET_FLOW = Path(__file__).resolve().parents[1] / "flows" / "secrets" / "secret_flow.py"
+SECRET_FLOW = Path(__file__).resolve().parents[1] / "flows" / "platform_secrets" / "secret_flow.py"
 
 
 def test_a_flow_secret_set_with_fab_reaches_only_its_step(deployed, lab):

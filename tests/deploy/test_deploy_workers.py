@@ -201,7 +201,7 @@ def test_a_flow_secret_reaches_a_step_on_the_worker(lab, worker):
     value = "pw-" + uuid.uuid4().hex
     res = lab.fab("secrets.set", "db", stdin="DB_PASSWORD=%s\n" % value)
     assert res.returncode == 0, str(res)
-    lab.drop_flow(FLOWS / "secrets" / "worker_secret_flow.py", "WorkerSecretFlow")
+    lab.drop_flow(FLOWS / "platform_secrets" / "worker_secret_flow.py", "WorkerSecretFlow")
     run_id, state, tis = lab.run_dag("WorkerSecretFlow", {})
     assert state == "success", tis
     from metaflow_services.spec import run_id_for
