@@ -73,10 +73,15 @@ def main():
         api.wait_for_dag(dag_id)
 
         t = time.time()
-        extra = ["--width", str(args.width)] if not args.linear else []
-        subprocess.run([sys.executable, str(flow_file), "--no-pylint", "run", "--max-workers",
-                        str(args.slots)] + extra, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, cwd=str(flow_file.parent))
+        # Metaflow's runtime refuses more than 100 splits unless told.
+        extra = [] if args.linear else ["--max-num-splits", str(args.width + 1),
+                                        "--width", str(args.width)]
+        proc = subprocess.run([sys.executable, str(flow_file), "--no-pylint", "run",
+                               "--max-workers", str(args.slots)] + extra,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              cwd=str(flow_file.parent))
+        if proc.returncode:
+            raise SystemExit("python %s run failed:\n%s" % (flow_file.name, proc.stderr[-3000:]))
         native = time.time() - t
         print("metaflow runtime (%d workers): %.1f s" % (args.slots, native), flush=True)
 
