@@ -102,18 +102,6 @@ def main():
     print("ratio=%.2f" % (airflow / native))
 
 
-def all_task_instances(api, dag_id, run_id):
-    """Every task instance of the run: Airflow's API pages them (100 at most)."""
-    found, offset = [], 0
-    while True:
-        page = api.get("/api/v2/dags/%s/dagRuns/%s/taskInstances" % (dag_id, run_id),
-                       limit=100, offset=offset)["task_instances"]
-        found += page
-        if len(page) < 100:
-            return found
-        offset += len(page)
-
-
 def breakdown(api, dag_id, run_id, body, slots):
     from metaflow import Run, namespace
 
@@ -133,7 +121,7 @@ def breakdown(api, dag_id, run_id, body, slots):
         return datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
 
     starts, users, finishes, spans = [], [], [], []
-    for ti in all_task_instances(api, dag_id, run_id):
+    for ti in api.task_instances(dag_id, run_id):
         if not ti["start_date"] or not ti["end_date"]:
             continue
         tid = "t-%d" % ti["map_index"] if ti["map_index"] >= 0 else "t-0"

@@ -190,8 +190,15 @@ class AirflowAPI:
         raise TimeoutError("DAG run %s/%s still %s after %ss" % (dag_id, run_id, state, timeout))
 
     def task_instances(self, dag_id, run_id):
-        return self.get("/api/v2/dags/%s/dagRuns/%s/taskInstances" % (dag_id, run_id),
-                        limit=1000)["task_instances"]
+        """Every task instance of the run: Airflow's API pages them (100 at
+        most, whatever `limit` asks)."""
+        found = []
+        while True:
+            page = self.get("/api/v2/dags/%s/dagRuns/%s/taskInstances" % (dag_id, run_id),
+                            limit=100, offset=len(found))["task_instances"]
+            found += page
+            if len(page) < 100:
+                return found
 
     def task_log(self, dag_id, run_id, task_id, try_number=1, map_index=-1):
         r = self.session.get(
