@@ -1,18 +1,29 @@
-"""Runs one Metaflow task where the executor put it (a container or a
-subprocess of the Airflow worker).
+"""Runs the Metaflow tasks of one Airflow task instance where the executor
+put them (a container or a subprocess of the Airflow worker).
 
-This file is executed as ``python3 -c <this source>`` so that any image with
-Python 3 and boto3 can run steps; it must only use the standard library and
-boto3. Its input is the JSON in ``MFS_TASK``. It
+This file is executed as ``python3 -c <this source>`` (together with
+``warm.py``) so that any image with Python 3 and boto3 can run steps; it must
+only use the standard library and boto3. Its input is the JSON file named by
+``MFS_TASK_FILE``: what the tasks share (code package, attempt, deadline) and
+one entry per Metaflow task (a step of a run, or a range of a foreach's
+splits). It
 
 1. fetches the flow's code package once per host (cached by content hash,
    under a lock, extracted atomically),
-2. runs Metaflow's ``init`` (start step only, once per run) and ``step``
-   commands with stdout/stderr captured in Metaflow's log format and uploaded
-   with Metaflow's own ``save_logs`` (so the Metaflow client and UI show them),
-   while echoing the output for the Airflow task log,
-3. enforces a hard deadline and forwards SIGTERM to the whole step, and
-4. prints one result line (``RESULT_MARKER`` + JSON) for the orchestrator.
+2. starts a warm process that has imported Metaflow and the flow's imports
+   once (``warm.py``); each Metaflow command is a fork of it, in a session of
+   its own, so a task costs no Python start or Metaflow import (where forking
+   is not possible, each command is a new Python process, as before),
+3. runs each task's Metaflow ``init`` (start step only, once per run) and
+   ``step`` commands with stdout/stderr captured in Metaflow's log format and
+   uploaded with Metaflow's own ``save_logs`` (so the Metaflow client and UI
+   show every task's logs), echoing the output for the Airflow task log,
+4. enforces each task's hard deadline and forwards SIGTERM to every running
+   task,
+5. on a retry, leaves alone the tasks that finished in an earlier attempt
+   (their result is kept next to the task in the datastore), and
+6. prints one result line per task (``RESULT_MARKER`` + JSON) for the
+   orchestrator.
 """
 
 import datetime
@@ -30,64 +41,169 @@ import threading
 import time
 import uuid
 
+try:  # imported as a module; run as `python -c`, warm.py's source came first
+    from .warm import BOOTSTRAP_ENV, WARM_FD_ENV, Launcher, warm_main
+except ImportError:
+    pass
+
 RESULT_MARKER = "\x1eMFS-RESULT "
 # Exit code when the hard deadline killed the step (as coreutils `timeout`).
 DEADLINE_EXIT = 124
+TASK_FILE_ENV = "MFS_TASK_FILE"
+# Next to Metaflow's own files of the task: what a finished task told the
+# orchestrator, so that a retried range of splits can skip it.
+RESULT_OBJECT = "mfs-result.json"
 
 
 def main():
-    task = json.loads(os.environ.pop("MFS_TASK"))
+    source = os.environ.pop(BOOTSTRAP_ENV, None)  # the warm process is a copy of this
+    if os.environ.get(WARM_FD_ENV):
+        return warm_main()
+    with open(os.environ.pop(TASK_FILE_ENV)) as f:
+        job = json.load(f)
     t0 = time.time()
     # Counted from the start of each Metaflow command, not of this program:
     # a slow package download or a loaded host must not eat the step's time.
-    deadline = task.get("deadline_seconds")
-    pkg_root = ensure_package(task["package"], task["cache_dir"])
-    workdir = tempfile.mkdtemp(prefix="mfs-task-")
+    pkg_root = ensure_package(job["package"], job["cache_dir"])
     env = dict(os.environ)
-    for k, v in task["package"]["post_extract_env"].items():
+    for k, v in job["package"]["post_extract_env"].items():
         v = v.replace("{root}", pkg_root)
         if k.endswith(":"):
             env[k[:-1]] = v
         else:
             env[k] = v + (":" + env[k] if env.get(k) else "")
     env["PYTHONUNBUFFERED"] = "1"
-    result_file = os.path.join(workdir, "result.json")
-    env["MFS_RESULT_FILE"] = result_file
-
-    logs = LogCapture(workdir, task["log"], env)
-    runner = StepRunner(env, workdir, logs, deadline)
+    flow_file = os.path.join(pkg_root, job["flow_file"])
+    out = Output()
+    launcher = Launcher(env, flow_file, source, out)
+    batch = Batch(job, flow_file, launcher, out)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: runner.terminate(signum))
-
-    python = sys.executable or "python3"
-    flow_file = os.path.join(pkg_root, task["flow_file"])
-    logs.system("Task %s attempt %s starting (%s, code package %s, setup %.2fs)."
-                % (task["log"]["pathspec"], task["log"]["attempt"], task.get("where", "?"),
-                   task["package"]["sha"][:12], time.time() - t0))
-    logs.start_periodic_upload()
-    rc = 0
-    init = task.get("init")
-    if init and not done_marker_exists(init["done_marker"]):
-        rc = runner.run([python, flow_file] + init["args"], init.get("env") or {})
-        if rc != 0:
-            logs.system("Metaflow init failed with exit code %d." % rc)
-    if rc == 0:
-        rc = runner.run([python, flow_file] + task["step"], {})
-    if runner.deadline_hit:
-        logs.system("The step ran past its deadline (@timeout plus grace) and was "
-                    "killed with its whole process group.")
-        rc = DEADLINE_EXIT
-    logs.stop_periodic_upload()
-    logs.upload()
-
-    result = {"exit_code": rc}
-    if rc == 0 and os.path.exists(result_file):
-        with open(result_file) as f:
-            result.update(json.load(f))
-    sys.stdout.write(RESULT_MARKER + json.dumps(result) + "\n")
-    sys.stdout.flush()
-    shutil.rmtree(workdir, ignore_errors=True)
+        signal.signal(sig, lambda signum, frame: batch.terminate(signum))
+    out.line("[metaflow-services] %d Metaflow task(s), attempt %d (%s, code package %s, "
+             "setup %.2fs, %s)." % (len(job["tasks"]), job["log"]["attempt"], job.get("where", "?"),
+                                     job["package"]["sha"][:12], time.time() - t0,
+                                     launcher.describe()))
+    rc = batch.run()
+    launcher.close()
     sys.exit(rc)
+
+
+class Output:
+    """The Airflow task log: whole lines, from any thread."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def line(self, text, stream=None):
+        data = text if isinstance(text, bytes) else text.encode("utf-8", "replace")
+        if not data.endswith(b"\n"):
+            data += b"\n"
+        out = stream or sys.stdout
+        with self.lock:
+            out.buffer.write(data)
+            out.flush()
+
+    def result(self, result):
+        self.line(RESULT_MARKER + json.dumps(result))
+
+
+# ---------------------------------------------------------------------------
+# The tasks of one Airflow task instance
+# ---------------------------------------------------------------------------
+
+
+class Batch:
+    def __init__(self, job, flow_file, launcher, out):
+        self.job = job
+        self.flow_file = flow_file
+        self.launcher = launcher
+        self.out = out
+        self.runners = set()
+        self.lock = threading.Lock()
+        self.terminated = False
+
+    def run(self):
+        tasks = self.job["tasks"]
+        finished = self._finished_earlier(tasks)
+        todo = [t for t in tasks if t["key"] not in finished]
+        for task in tasks:
+            if task["key"] in finished:
+                self.out.line("[metaflow-services] %s finished in attempt %s: not run again."
+                              % (task["pathspec"], finished[task["key"]].get("attempt")))
+                self.out.result(dict(finished[task["key"]], key=task["key"], exit_code=0,
+                                     skipped=True))
+        codes = []
+        parallel = max(1, min(int(self.job.get("parallel") or 1), len(todo) or 1))
+        if parallel == 1:
+            codes = [self.run_task(t) for t in todo]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=parallel) as pool:
+                codes = list(pool.map(self.run_task, todo))
+        failed = [c for c in codes if c]
+        return failed[0] if failed else 0
+
+    def _finished_earlier(self, tasks):
+        """{key: result} of the tasks a previous attempt finished. A range
+        whose tasks all finished was cleared on purpose: it runs again."""
+        if not self.job["log"]["attempt"]:
+            return {}
+        found = {}
+        for t in tasks:
+            url = t.get("result_url")
+            blob = url and read_object(url)
+            if blob is not None:
+                found[t["key"]] = json.loads(blob)
+        return {} if len(found) == len(tasks) else found
+
+    def run_task(self, task):
+        if self.terminated:
+            return 143
+        job = self.job
+        workdir = tempfile.mkdtemp(prefix="mfs-task-")
+        result_file = os.path.join(workdir, "result.json")
+        log = dict(job["log"], pathspec=task["pathspec"])
+        logs = LogCapture(workdir, log, self.launcher, self.out, task.get("label") or "")
+        runner = StepRunner(self.launcher, workdir, logs, job.get("deadline_seconds"))
+        with self.lock:
+            self.runners.add(runner)
+        logs.system("Task %s attempt %s starting (%s)." % (task["pathspec"], log["attempt"],
+                                                          job.get("where", "?")))
+        logs.start_periodic_upload()
+        rc = 0
+        init = task.get("init")
+        if init and not done_marker_exists(init["done_marker"]):
+            rc = runner.run([self.flow_file] + init["args"], init.get("env") or {})
+            if rc != 0:
+                logs.system("Metaflow init failed with exit code %d." % rc)
+        if rc == 0:
+            rc = runner.run([self.flow_file] + task["step"], {"MFS_RESULT_FILE": result_file})
+        if runner.deadline_hit:
+            logs.system("The step ran past its deadline (@timeout plus grace) and was "
+                        "killed with its whole process group.")
+            rc = DEADLINE_EXIT
+        logs.stop_periodic_upload()
+        logs.upload()
+        with self.lock:
+            self.runners.discard(runner)
+        result = {"exit_code": rc}
+        if rc == 0 and os.path.exists(result_file):
+            with open(result_file) as f:
+                result.update(json.load(f))
+            result["attempt"] = log["attempt"]
+            if task.get("result_url"):
+                write_object(task["result_url"], json.dumps(result).encode())
+        self.out.result(dict(result, key=task["key"]))
+        shutil.rmtree(workdir, ignore_errors=True)
+        return rc
+
+    def terminate(self, signum):
+        self.terminated = True
+        with self.lock:
+            runners = list(self.runners)
+        for runner in runners:
+            runner.terminate(signum)
 
 
 # ---------------------------------------------------------------------------
@@ -133,11 +249,18 @@ def ensure_package(pkg, cache_dir):
     return dest
 
 
-def _s3_client():
-    import boto3
+_S3 = []
+_S3_LOCK = threading.Lock()
 
-    endpoint = os.environ.get("METAFLOW_S3_ENDPOINT_URL")
-    return boto3.client("s3", **({"endpoint_url": endpoint} if endpoint else {}))
+
+def _s3_client():
+    with _S3_LOCK:  # one client for every task of the batch (making one takes ~0.1 s)
+        if not _S3:
+            import boto3
+
+            endpoint = os.environ.get("METAFLOW_S3_ENDPOINT_URL")
+            _S3.append(boto3.client("s3", **({"endpoint_url": endpoint} if endpoint else {})))
+        return _S3[0]
 
 
 def _split_s3(url):
@@ -170,10 +293,42 @@ def done_marker_exists(url):
         _s3_client().head_object(Bucket=bucket, Key=key)
         return True
     except Exception as e:
-        code = getattr(e, "response", {}).get("Error", {}).get("Code")
-        if code in ("404", "NoSuchKey", "NotFound"):
+        if _missing(e):
             return False
         raise
+
+
+
+def read_object(url):
+    """The object's bytes, or None when there is none."""
+    if not url.startswith("s3://"):
+        try:
+            with open(url, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    bucket, key = _split_s3(url)
+    try:
+        return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as e:
+        if _missing(e):
+            return None
+        raise
+
+
+def write_object(url, data):
+    if not url.startswith("s3://"):
+        os.makedirs(os.path.dirname(url), exist_ok=True)
+        with open(url, "wb") as f:
+            f.write(data)
+        return
+    bucket, key = _split_s3(url)
+    _s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def _missing(error):
+    code = getattr(error, "response", {}).get("Error", {}).get("Code")
+    return code in ("404", "NoSuchKey", "NotFound")
 
 
 # ---------------------------------------------------------------------------
@@ -188,22 +343,25 @@ def mflog_line(source, line):
 
 
 class LogCapture:
-    def __init__(self, workdir, log, env):
+    def __init__(self, workdir, log, launcher, out, label):
         self.paths = {
             "stdout": os.path.join(workdir, "mflog_stdout"),
             "stderr": os.path.join(workdir, "mflog_stderr"),
         }
         self.files = {k: open(p, "ab", buffering=0) for k, p in self.paths.items()}
         self.lock = threading.Lock()
-        self.save_env = dict(env)
-        self.save_env.update({
+        self.launcher = launcher
+        self.out = out
+        self.label = label.encode()
+        self.workdir = workdir
+        self.save_env = {
             "MF_PATHSPEC": log["pathspec"],
             "MF_ATTEMPT": str(log["attempt"]),
             "MF_DATASTORE": log["datastore"],
             "MF_DATASTORE_ROOT": log["datastore_root"],
             "MFLOG_STDOUT": self.paths["stdout"],
             "MFLOG_STDERR": self.paths["stderr"],
-        })
+        }
         self._stop = threading.Event()
         self._thread = None
 
@@ -212,22 +370,17 @@ class LogCapture:
             line += b"\n"
         with self.lock:
             self.files[stream].write(mflog_line(b"task", line))
-        out = sys.stdout if stream == "stdout" else sys.stderr
-        out.buffer.write(line)
-        out.flush()
+        self.out.line(self.label + line, sys.stdout if stream == "stdout" else sys.stderr)
 
     def system(self, msg):
         self.write("stderr", ("[metaflow-services] " + msg).encode())
 
     def upload(self):
-        proc = subprocess.run(
-            [sys.executable or "python3", "-m", "metaflow.mflog.save_logs"],
-            env=self.save_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        out = proc.stdout.decode("utf-8", "replace")
-        if proc.returncode != 0 or "upload_failure" in out:
-            sys.stderr.write("[metaflow-services] Uploading the task's logs failed:\n" + out)
-            sys.stderr.flush()
+        code, out = self.launcher.call(["-m", "metaflow.mflog.save_logs"], self.save_env,
+                                       self.workdir)
+        if code != 0 or "upload_failure" in out:
+            self.out.line("[metaflow-services] Uploading the task's logs failed:\n" + out,
+                          sys.stderr)
 
     def start_periodic_upload(self):
         # Long steps: let the Metaflow UI show logs while the step runs. Short
@@ -253,8 +406,8 @@ class LogCapture:
 
 
 class StepRunner:
-    def __init__(self, env, workdir, logs, deadline_seconds):
-        self.env = env
+    def __init__(self, launcher, workdir, logs, deadline_seconds):
+        self.launcher = launcher
         self.workdir = workdir
         self.logs = logs
         self.deadline_seconds = deadline_seconds
@@ -266,16 +419,9 @@ class StepRunner:
     def run(self, argv, extra_env):
         if self.terminated:
             return 143
-        env = dict(self.env)
-        env.update(extra_env)
         if self.deadline_seconds:
             self.deadline = time.time() + self.deadline_seconds
-        # A session of its own, so @timeout/cancel can kill everything the
-        # step started (subprocesses, multiprocessing pools).
-        self.proc = subprocess.Popen(
-            argv, env=env, cwd=self.workdir, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-        )
+        self.proc = self.launcher.start(argv, extra_env, self.workdir)
         readers = [
             threading.Thread(target=self._pump, args=(self.proc.stdout, "stdout"), daemon=True),
             threading.Thread(target=self._pump, args=(self.proc.stderr, "stderr"), daemon=True),
@@ -304,6 +450,7 @@ class StepRunner:
     def _pump(self, pipe, stream):
         for line in iter(pipe.readline, b""):
             self.logs.write(stream, line)
+        pipe.close()
 
     def _kill_group(self, grace=10):
         if self.proc is None or self.proc.poll() is not None:

@@ -44,6 +44,7 @@ class Settings:
     docker_pull: str = "missing"
     python: str = "python3"
     group_parallelism: int = 4
+    task_slots: int | None = None  # Airflow's slots for users' tasks (None: [core] parallelism)
     timeout_grace_seconds: int = 60
     ui_url: str | None = None
     pip_index_url: str | None = None
@@ -78,6 +79,7 @@ class Settings:
             docker_pull=pull,
             python=env.get("MFS_STEP_PYTHON") or "python3",
             group_parallelism=_int(env, "MFS_GROUP_PARALLELISM", 4, minimum=1),
+            task_slots=_int(env, "MFS_TASK_SLOTS", 0, minimum=0) or None,
             timeout_grace_seconds=_int(env, "MFS_TIMEOUT_GRACE_SECONDS", 60, minimum=5),
             ui_url=(env.get("MFS_METAFLOW_UI_URL") or "").rstrip("/") or None,
             pip_index_url=env.get("MFS_PIP_INDEX_URL") or None,

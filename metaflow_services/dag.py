@@ -8,8 +8,8 @@ edges. A foreach body (the steps between a top-level foreach and its join) is
 an Airflow *mapped task group* expanded over the foreach's splits, so each
 split's steps run as soon as that split's previous step is done. Airflow cannot
 nest mapping, so deeper foreach levels run grouped inside each mapped task;
-and when a foreach is wider than ``[core] max_map_length``, each mapped task
-takes a contiguous range of splits. Switch steps run only the chosen branch:
+and a wide foreach (more splits than about two per task slot) maps over
+contiguous ranges of splits, each run in one container (runtime.py). Switch steps run only the chosen branch:
 a step on a branch that was not taken skips itself.
 """
 
@@ -140,7 +140,9 @@ def _mapped_body(spec, foreach, members, ops, queues):
 def _operator(spec, name, queues, group=None):
     step = spec["steps"][name]
     kwargs = route(spec["flow"]["name"], name, step, queues)
-    if step["timeout_seconds"]:
+    if step["timeout_seconds"] and group is None:
+        # (A mapped instance may run a range of splits one after another: the
+        # bootstrap's deadline applies to each of them, Airflow's would not.)
         grace = int(os.environ.get("MFS_TIMEOUT_GRACE_SECONDS") or 60)
         # The bootstrap's own deadline (@timeout + grace) fires first; Airflow's
         # is the last resort (it then cancels the task, which kills the step).

@@ -29,20 +29,24 @@ from pathlib import Path
 
 from .config import ConfigurationError, Settings
 from .errors import ServicesError
-from .platform_secrets import CONTAINER_FILE, FILE_ENV as SECRETS_FILE_ENV, file_content
+from .platform_secrets import (CONTAINER_DIR, CONTAINER_FILE, FILE_ENV as SECRETS_FILE_ENV,
+                               file_content)
 
-BOOTSTRAP_SOURCE = (Path(__file__).with_name("bootstrap.py")).read_text()
-# The bootstrap travels in an environment variable rather than on the command
-# line, so `ps` and `docker top` show a short command.
-BOOTSTRAP_ENV = "MFS_BOOTSTRAP"
-BOOTSTRAP_CODE = ("import os; exec(compile(os.environ.pop(%r), 'metaflow-services-bootstrap', "
-                  "'exec'))" % BOOTSTRAP_ENV)
+from .warm import BOOTSTRAP_CODE, BOOTSTRAP_ENV
+
+# One program: the warm process's code first, then the bootstrap that uses it.
+BOOTSTRAP_SOURCE = "\n".join(Path(__file__).with_name(n).read_text()
+                             for n in ("warm.py", "bootstrap.py"))
+TASK_FILE_ENV = "MFS_TASK_FILE"
+# In the step container: written before it starts, gone with it.
+TASK_FILE = CONTAINER_DIR + "/task.json"
 
 
 @dataclass
 class Launch:
-    name: str                      # unique per Metaflow task (container name)
-    env: dict                      # full task environment (includes MFS_TASK)
+    name: str                      # unique per Airflow task instance (container name)
+    env: dict                      # the tasks' environment
+    job: bytes                     # the bootstrap's input (MFS_TASK_FILE): JSON
     image: str | None = None
     resources: dict | None = None  # @resources: cpu, memory (MB), gpu, shared_memory (MB)
     labels: dict = field(default_factory=dict)
@@ -84,9 +88,13 @@ class SubprocessExecutor:
                   "REQUESTS_CA_BUNDLE"):
             if k in os.environ and k not in env:
                 env[k] = os.environ[k]
-        with _private_file(launch.secrets) as path:
-            if path:
-                env[SECRETS_FILE_ENV] = path
+        files = {"task.json": launch.job}
+        if launch.secrets:
+            files["secrets.json"] = file_content(launch.secrets)
+        with _private_files(files) as folder:
+            env[TASK_FILE_ENV] = os.path.join(folder, "task.json")
+            if launch.secrets:
+                env[SECRETS_FILE_ENV] = os.path.join(folder, "secrets.json")
             return self._run(launch, env, on_line)
 
     def _run(self, launch, env, on_line):
@@ -126,41 +134,42 @@ class SubprocessExecutor:
 
 
 @contextlib.contextmanager
-def _private_file(secrets):
-    """A 0600 file in a 0700 folder holding the step's secrets (None when it
-    has none), removed afterwards whatever happens."""
-    if not secrets:
-        yield None
-        return
-    folder = tempfile.mkdtemp(prefix="mfs-secrets-")
-    path = os.path.join(folder, "secrets.json")
+def _private_files(files):
+    """A 0700 folder of 0600 files ({name: bytes}: the task's input and its
+    secrets), removed afterwards whatever happens."""
+    folder = tempfile.mkdtemp(prefix="mfs-task-")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(file_content(secrets))
-        yield path
+        for name, data in files.items():
+            fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def secrets_archive(secrets, user=None) -> bytes:
-    """A tar of CONTAINER_FILE for docker's put_archive: owned by the step's
-    user (MFS_DOCKER_USER uid[:gid]), readable by it alone."""
+def container_files(launch, user=None) -> bytes:
+    """A tar for docker's put_archive of CONTAINER_DIR: the task's input and
+    its secrets, owned by the step's user (MFS_DOCKER_USER uid[:gid]) and
+    readable by it alone."""
     uid, gid = 0, 0
     if user:
         parts = str(user).split(":")
         if parts[0].isdigit():
             uid = int(parts[0])
             gid = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    data = file_content(secrets)
+    files = {TASK_FILE: launch.job}
+    if launch.secrets:
+        files[CONTAINER_FILE] = file_content(launch.secrets)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        folder = tarfile.TarInfo(os.path.dirname(CONTAINER_FILE).lstrip("/"))
+        folder = tarfile.TarInfo(CONTAINER_DIR.lstrip("/"))
         folder.type, folder.mode, folder.uid, folder.gid = tarfile.DIRTYPE, 0o700, uid, gid
         tar.addfile(folder)
-        info = tarfile.TarInfo(CONTAINER_FILE.lstrip("/"))
-        info.size, info.mode, info.uid, info.gid = len(data), 0o400, uid, gid
-        tar.addfile(info, io.BytesIO(data))
+        for path, data in files.items():
+            info = tarfile.TarInfo(path.lstrip("/"))
+            info.size, info.mode, info.uid, info.gid = len(data), 0o400, uid, gid
+            tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 
@@ -240,7 +249,7 @@ class DockerExecutor:
             image=launch.image,
             command=[s.python, "-c", BOOTSTRAP_CODE],
             name=launch.name,
-            environment=dict(launch.env, **{BOOTSTRAP_ENV: BOOTSTRAP_SOURCE},
+            environment=dict(launch.env, **{BOOTSTRAP_ENV: BOOTSTRAP_SOURCE, TASK_FILE_ENV: TASK_FILE},
                              **({SECRETS_FILE_ENV: CONTAINER_FILE} if launch.secrets else {})),
             labels=dict(launch.labels, **{"metaflow-services": "step"}),
             volumes=volumes,
@@ -270,8 +279,8 @@ class DockerExecutor:
         with self._lock:
             self._containers[launch.name] = container
         try:
-            if launch.secrets:  # into the container's own layer: removed with it
-                container.put_archive("/", secrets_archive(launch.secrets, s.docker_user))
+            # Into the container's own layer: removed with it.
+            container.put_archive("/", container_files(launch, s.docker_user))
             container.start()
             buf = b""
             for chunk in container.logs(stream=True, follow=True):

@@ -3,8 +3,9 @@
 1. Work out which Metaflow tasks of the step this instance runs: one per
    foreach path in its group, only on branches that were taken, with their
    input paths, from the results its upstream steps pushed to XCom.
-2. Run each through the executor (a container or a subprocess running
-   ``bootstrap.py``), streaming output into the Airflow task log.
+2. Run them through the executor, all in one container (or subprocess)
+   running ``bootstrap.py``, whose warm process forks each Metaflow task;
+   the output streams into the Airflow task log, each task's line marked.
 3. Push the results to XCom (key ``mfs``: the Metaflow task id, foreach width
    and next steps of every task), and, for a top-level foreach, return the
    ranges of splits that the mapped body expands over.
@@ -12,103 +13,34 @@
 Ids are deterministic: the Metaflow run id comes from the DAG id and the
 Airflow run id, task ids from the foreach path, the attempt from Airflow's
 try number. Clearing a task in Airflow therefore re-runs it as the next attempt
-of the same Metaflow task.
+of the same Metaflow task. A retried range of splits re-runs only the splits
+that did not finish (a range whose splits all finished was cleared on purpose
+and runs again).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .bootstrap import RESULT_MARKER, RESULT_OBJECT
 from .config import ConfigurationError, Settings, datastore_root, task_passthrough_env
 from .errors import ServicesError
 from .executors import ExecutorError, Launch, container_name, make_executor
+from .planning import PlannedTask, compress_paths, plan_tasks, split_ranges
 from .platform_secrets import TYPE as SECRETS_TYPE, SecretsError, fetch
-from .spec import (PARAMS_TASK_ID, parameter_env, parse_path_key, path_key, run_id_for,
-                   task_id_for)
+from .spec import PARAMS_TASK_ID, parameter_env, path_key, run_id_for, task_id_for
 from .triggers import (MissingPayloadField, asset_kwargs, event_parameters, finish_extra,
                        run_triggers, trigger_metadata)
 
-RESULT_MARKER = "\x1eMFS-RESULT "
 XCOM_KEY = "mfs"
 MAX_ATTEMPTS = 6  # Metaflow refuses attempt numbers >= 6
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------
-# Planning (pure functions, unit-tested)
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class PlannedTask:
-    path: tuple
-    task_id: str
-    inputs: list            # ["run/step/task", ...]
-    split_index: int | None = None
-    iteration: int = 0
-
-
-def plan_tasks(spec, step, run_id, upstream, group=None):
-    """The Metaflow tasks of *step* that one Airflow task instance runs.
-
-    upstream: {in_step: [xcom value, ...]} where each value is
-    {"tasks": {path_key: {"id", "next", "splits"}}} as pushed by that step.
-    group: [first, stop) range of top-level split indexes, for mapped steps.
-    """
-    s = spec["steps"][step]
-    if step == spec["start_step"]:
-        return [PlannedTask((), task_id_for(()), ["%s/_parameters/%s" % (run_id, PARAMS_TASK_ID)])]
-    depth = len(s["foreach_stack"])
-    candidates = {}
-    for parent in s["in"]:
-        pdepth = len(spec["steps"][parent]["foreach_stack"])
-        for value in upstream.get(parent) or ():
-            for key, info in (value or {}).get("tasks", {}).items():
-                if step not in info.get("next", ()):
-                    continue  # a switch took another branch
-                q = parse_path_key(key)
-                if pdepth == depth:
-                    targets = [q]
-                elif pdepth == depth - 1:  # step is the body of parent's foreach
-                    targets = [q + (j,) for j in range(info["splits"])]
-                elif pdepth == depth + 1:  # step joins a foreach
-                    targets = [q[:-1]]
-                else:
-                    raise RuntimeError("unexpected foreach depths %s -> %s" % (parent, step))
-                for path in targets:
-                    if group is not None and not (group[0] <= path[0] < group[1]):
-                        continue
-                    candidates.setdefault(path, []).append((parent, q, info["id"]))
-    planned = []
-    for path in sorted(candidates):
-        inputs = sorted(candidates[path])
-        split_index = None
-        if any(len(spec["steps"][p]["foreach_stack"]) == depth - 1 for p, _, _ in inputs):
-            split_index = path[-1]
-        planned.append(PlannedTask(
-            path=path,
-            task_id=task_id_for(path),
-            inputs=["%s/%s/%s" % (run_id, p, tid) for p, _, tid in inputs],
-            split_index=split_index,
-        ))
-    return planned
-
-
-def split_ranges(num_splits, max_map_length):
-    """Ranges of splits, one per mapped task instance: one split each when
-    Airflow allows that many mapped instances, otherwise contiguous ranges."""
-    if num_splits <= max_map_length:
-        return [[i, i + 1] for i in range(num_splits)]
-    size = math.ceil(num_splits / max_map_length)
-    return [[i, min(i + size, num_splits)] for i in range(0, num_splits, size)]
 
 
 # ---------------------------------------------------------------------------
@@ -198,7 +130,7 @@ class StepRun:
             self._emit_finish(tasks[""]["id"])
         if self.s["type"] == "foreach" and not self.s["foreach_stack"]:
             splits = tasks[""]["splits"]
-            return split_ranges(splits, _max_map_length())
+            return split_ranges(splits, self._slots(), _max_map_length())
         return None
 
     def _emit_finish(self, end_task_id):
@@ -266,51 +198,58 @@ class StepRun:
         return upstream
 
     def _run_all(self, planned):
-        if len(planned) == 1:
-            return [self._run_one(planned[0])]
-        workers = min(self.settings.group_parallelism, len(planned))
-        self.log.info("Running %d Metaflow tasks, %d at a time.", len(planned), workers)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(self._run_one, planned))
-
-    def _run_one(self, planned):
+        """Runs the planned tasks in one container (or subprocess). A recursive
+        step (a switch that can choose itself) loops: each iteration is a new
+        Metaflow task whose input is the previous one, run as the next batch."""
         self._step_image()  # build the environment image once, before any task
-        outcome = self._run_iteration(planned)
-        # A recursive step (a switch that can choose itself) loops here: each
-        # iteration is a new Metaflow task whose input is the previous one.
-        while (self.s["recursive"] and outcome.exit_code == 0
-               and self.step in (outcome.result.get("next") or ())):
-            prev = outcome.planned
-            nxt = PlannedTask(path=prev.path, task_id=task_id_for(prev.path, prev.iteration + 1),
-                              inputs=["%s/%s/%s" % (self.run_id, self.step, prev.task_id)],
-                              iteration=prev.iteration + 1)
-            outcome = self._run_iteration(nxt)
-        return outcome
+        final = {}
+        batch = planned
+        while batch:
+            again = []
+            for o in self._run_batch(batch):
+                prev = o.planned
+                if (self.s["recursive"] and o.exit_code == 0
+                        and self.step in (o.result.get("next") or ())):
+                    again.append(PlannedTask(
+                        path=prev.path, task_id=task_id_for(prev.path, prev.iteration + 1),
+                        inputs=["%s/%s/%s" % (self.run_id, self.step, prev.task_id)],
+                        iteration=prev.iteration + 1))
+                else:
+                    final[prev.path] = o
+            batch = again
+        return [final[p.path] for p in planned]
 
-    def _run_iteration(self, planned):
+    def _run_batch(self, planned):
         if self._killed.is_set():
-            return TaskOutcome(planned, 143)
-        flow = self.spec["flow"]["name"]
-        pathspec = "%s/%s/%s/%s" % (flow, self.run_id, self.step, planned.task_id)
-        prefix = "" if planned.path == () and not planned.iteration else "[%s] " % planned.task_id
-        launch = self._launch(planned, pathspec)
-        result = {}
+            return [TaskOutcome(p, 143) for p in planned]
+        launch = self._launch(planned)
+        results = {}
 
         def on_line(line):
             if line.startswith(RESULT_MARKER):
-                result.update(json.loads(line[len(RESULT_MARKER):]))
+                r = json.loads(line[len(RESULT_MARKER):])
+                results[r.pop("key")] = r
             else:
-                self.log.info("%s%s", prefix, line)
+                self.log.info("%s", line)
 
-        self.log.info("%sStarting Metaflow task %s (attempt %d) in %s.", prefix, pathspec,
-                      self.attempt, self.executor.describe(launch))
+        what = ("Metaflow task %s" % launch.labels.get("metaflow-services.pathspec")
+                if len(planned) == 1 else "%d Metaflow tasks" % len(planned))
+        self.log.info("Starting %s (attempt %d) in %s.", what, self.attempt,
+                      self.executor.describe(launch))
         try:
             code = self.executor.run(launch, on_line)
         except (ExecutorError, ConfigurationError) as e:
             from airflow.sdk.exceptions import AirflowFailException
 
             raise AirflowFailException(str(e))
-        return TaskOutcome(planned, code, result)
+        outcomes = []
+        for p in planned:
+            r = results.get(p.task_id)
+            if r is None:  # the container or bootstrap died before the task ended
+                outcomes.append(TaskOutcome(p, code or 1))
+            else:
+                outcomes.append(TaskOutcome(p, r.pop("exit_code"), r))
+        return outcomes
 
     def _base_image(self):
         return self.s.get("image") or self.spec.get("image") or self.settings.step_image
@@ -349,36 +288,81 @@ class StepRun:
                     raise StepFailed(str(e))
         return self._image
 
-    def _launch(self, planned, pathspec):
-        """What the executor starts for one Metaflow task: the bootstrap's
-        input (MFS_TASK) in the task's environment, in the step's image."""
+    def _launch(self, planned):
+        """What the executor starts for a batch of Metaflow tasks: the
+        bootstrap's input (MFS_TASK_FILE), in the step's environment and image."""
         spec = self.spec
-        step_args, init = self._metaflow_commands(planned)
         image = self._step_image()
         pkg = spec["package"]
-        task = {
+        parallel = self._parallel(planned)
+        job = {
             "package": {"url": self._package_url(), "sha": pkg["sha"],
                         "post_extract_env": pkg["post_extract_env"]},
             "cache_dir": self.settings.code_cache_dir,
             "flow_file": spec["flow"]["file"],
-            "init": init,
-            "step": step_args,
             "deadline_seconds": self._deadline(),
+            "parallel": parallel,
             "where": "%s executor%s" % (self.settings.executor,
                                         ", image %s" % image if self.settings.executor == "docker" else ""),
-            "log": {"pathspec": pathspec, "attempt": self.attempt, "datastore": "s3",
-                    "datastore_root": self.ds_root},
+            "log": {"attempt": self.attempt, "datastore": "s3", "datastore_root": self.ds_root},
+            "tasks": [self._job_task(p) for p in planned],
         }
+        first, last = planned[0].task_id, planned[-1].task_id
+        step_path = "%s/%s/%s" % (spec["flow"]["name"], self.run_id, self.step)
+        labels = {"metaflow-services.dag-id": spec["dag_id"],
+                  "metaflow-services.airflow-run-id": self.ti.run_id}
+        if len(planned) == 1:
+            labels["metaflow-services.pathspec"] = "%s/%s" % (step_path, first)
+        else:
+            labels["metaflow-services.tasks"] = "%s/%s..%s" % (step_path, first, last)
+        resources = dict(self.s["resources"] or {})
+        for k in ("cpu", "memory", "shared_memory"):  # per task, for `parallel` at once
+            if resources.get(k):
+                resources[k] = float(resources[k]) * parallel
         return Launch(
-            name=container_name(self.run_id, self.step, planned.task_id),
-            env=self._task_env(task, image),
+            name=container_name(self.run_id, self.step,
+                                first if len(planned) == 1 else "%s..%s" % (first, last)),
+            env=self._task_env(image),
+            job=json.dumps(job).encode(),
             image=image,
-            resources=self.s["resources"],
+            resources=resources,
             secrets=self._secrets(),
-            labels={"metaflow-services.pathspec": pathspec,
-                    "metaflow-services.dag-id": spec["dag_id"],
-                    "metaflow-services.airflow-run-id": self.ti.run_id},
+            labels=labels,
         )
+
+    def _job_task(self, planned):
+        pathspec = "%s/%s/%s/%s" % (self.spec["flow"]["name"], self.run_id, self.step,
+                                    planned.task_id)
+        step_args, init = self._metaflow_commands(planned)
+        return {
+            "key": planned.task_id,
+            "pathspec": pathspec,
+            "step": step_args,
+            "init": init,
+            # Which task a line of the Airflow log belongs to (not needed for a
+            # step's only task).
+            "label": "" if planned.path == () and not planned.iteration
+                     else "[%s] " % planned.task_id,
+            "result_url": "%s/%s/%s" % (self.ds_root, pathspec, RESULT_OBJECT),
+        }
+
+    def _parallel(self, planned):
+        """Metaflow tasks the batch runs at once. A range of splits runs one
+        at a time (the ranges keep the slots busy); the nested tasks of one
+        split, up to MFS_GROUP_PARALLELISM at a time, in a container sized for
+        that many (never with GPUs)."""
+        group = self._group()
+        if (len(planned) == 1 or (self.s["resources"] or {}).get("gpu")
+                or (group is not None and group[1] - group[0] > 1)):
+            return 1
+        return min(self.settings.group_parallelism, len(planned))
+
+    def _slots(self):
+        if self.settings.task_slots:
+            return self.settings.task_slots
+        from airflow.sdk import conf
+
+        return conf.getint("core", "parallelism", fallback=32)
 
     def _secrets(self):
         """The platform secrets the step's @secrets names (read once per
@@ -413,7 +397,7 @@ class StepRun:
             "--task-id", planned.task_id,
             "--retry-count", str(self.attempt),
             "--max-user-code-retries", str(self.s["max_user_code_retries"]),
-            "--input-paths", ",".join(planned.inputs),
+            "--input-paths", compress_paths(planned.inputs),
         ] + tag_args
         if planned.split_index is not None:
             step_args += ["--split-index", str(planned.split_index)]
@@ -442,14 +426,13 @@ class StepRun:
         # @catch and for persisting artifacts on a busy machine.
         return self.s["timeout_seconds"] + self.settings.timeout_grace_seconds
 
-    def _task_env(self, task, image):
+    def _task_env(self, image):
         spec = self.spec
         env = task_passthrough_env()
         env.update(self.s["env"])  # @environment
         env.update({
             "METAFLOW_USER": spec["user"],
             "METAFLOW_RUNTIME_NAME": "airflow3",
-            "MFS_TASK": json.dumps(task),
             "MFS_AIRFLOW_DAG_ID": spec["dag_id"],
             "MFS_AIRFLOW_RUN_ID": self.ti.run_id,
             "MFS_AIRFLOW_TASK_ID": self.ti.task_id,

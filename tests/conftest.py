@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support import (BASE, DEPLOY_ORDER, GRACE, MAX_MAP_LENGTH, METAFLOW_ENV, POSTGRES, SEAWEED,  # noqa: E402
-                     UI_URL, harness)
+from support import (BASE, DEPLOY_ORDER, GRACE, MAX_MAP_LENGTH, METAFLOW_ENV, POSTGRES,  # noqa: E402
+                     SEAWEED, TASK_SLOTS, UI_URL, harness)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -52,7 +52,8 @@ def airflow(postgres, seaweedfs):
     """One real Airflow 3.3 (api-server, LocalExecutor scheduler,
     dag-processor) for all end-to-end tests; modules restart its scheduler
     with the worker settings they need (harness.Airflow.start_scheduler)."""
-    env = dict(METAFLOW_ENV, MFS_METAFLOW_UI_URL=UI_URL, MFS_TIMEOUT_GRACE_SECONDS=str(GRACE))
+    env = dict(METAFLOW_ENV, MFS_METAFLOW_UI_URL=UI_URL, MFS_TIMEOUT_GRACE_SECONDS=str(GRACE),
+               MFS_TASK_SLOTS=str(TASK_SLOTS))
     af = harness.Airflow(BASE, postgres, env, max_map_length=MAX_MAP_LENGTH)
     af.start({"MFS_EXECUTOR": "subprocess"})
     _RUNNING.append(af)

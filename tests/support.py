@@ -46,7 +46,10 @@ METAFLOW_ENV = harness.metaflow_env(SEAWEED, MFLOCAL, TEST_USER)
 os.environ.update(METAFLOW_ENV)
 
 # Settings of the shared Airflow (conftest.airflow()).
-MAX_MAP_LENGTH = 8  # small, so a 20-way foreach exceeds it
+MAX_MAP_LENGTH = 8
+# Airflow's slots as the runtime sees them (MFS_TASK_SLOTS; the deploy sets the
+# VM's): a foreach wider than two per slot maps over ranges of splits.
+TASK_SLOTS = 2
 UI_URL = "http://metaflow-ui.example.test"
 # MFS_TIMEOUT_GRACE_SECONDS: the hard deadline is @timeout + GRACE, counted
 # from the step's start (Metaflow's import included). The product's default:

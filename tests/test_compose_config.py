@@ -166,6 +166,9 @@ def test_the_scheduler_runs_metaflow_steps_in_containers(full):
     assert env["MFS_STEP_IMAGE"] == stack.images(o)["step"]
     assert env["MFS_DOCKER_NETWORK"] == cfg["networks"]["default"]["name"] == "metaflow-services"
     assert env["MFS_DOCKER_USER"] == "50000:0"
+    # A wide foreach's ranges are sized to the users' slots (default_pool: the
+    # 2-core, 3.8 GB VM's 4).
+    assert env["MFS_TASK_SLOTS"] == "4"
     assert env["METAFLOW_DEFAULT_DATASTORE"] == "s3"
     assert env["METAFLOW_DATASTORE_SYSROOT_S3"] == "s3://metaflow/metaflow"
     assert env["METAFLOW_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"

@@ -9,8 +9,8 @@ triggers every run at once; the tests then check one run each.
 
 from __future__ import annotations
 
-import math
 import os
+import re
 import socket
 import subprocess
 import time
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import pytest
 
 import harness
-from support import (BASE, FLOWS, GRACE, MAX_MAP_LENGTH, MFLOCAL, TEST_USER, UI_URL,
-                      compile_flow, docker_available)
+from support import (BASE, FLOWS, GRACE, MFLOCAL, TASK_SLOTS, TEST_USER, UI_URL, compile_flow,
+                     docker_available)
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +29,7 @@ STEP_IMAGE = os.environ.get("MFS_TEST_STEP_IMAGE", "mfs-step:test")
 FLOW_FILES = ["linear_flow.py", "branches_flow.py", "foreach_flow.py", "nested_foreach_flow.py",
               "switch_flow.py", "retry_catch_flow.py", "config_project_flow.py",
               "single_step_flow.py", "custom_names_flow.py", "stubborn_flow.py",
-              "sleepy_flow.py"]
+              "sleepy_flow.py", "ranges_flow.py"]
 PROJECT_DAG = "mfs_test.user.%s.ConfigProjectFlow" % TEST_USER
 
 # key -> (dag id, params given in the trigger request)
@@ -50,6 +50,7 @@ RUNS = {
     "single": ("SingleStepFlow", {}),
     "custom_names": ("CustomNamesFlow", {}),
     "stubborn": ("StubbornFlow", {}),
+    "ranges": ("RangesFlow", {}),
 }
 
 
@@ -57,7 +58,7 @@ RUNS = {
 # depends on how a step is launched, logged, retried and killed. Graph shapes,
 # parameters and decorators are the same runtime whichever executor launches
 # the step: checked once, with docker (this keeps CI within its budget).
-SUBPROCESS_RUNS = {"linear", "retry_catch", "stubborn", "foreach_3", "nested"}
+SUBPROCESS_RUNS = {"linear", "retry_catch", "stubborn", "foreach_3", "nested", "ranges"}
 
 
 @dataclass
@@ -205,9 +206,41 @@ def test_foreach_widths(batch, key, width):
     assert run["join"].task.data.values == [i * i + 1 for i in range(width)]
     assert len(list(run["plus_one"])) == width
     mapped = [ti for ti in batch.tis(key) if ti["task_id"] == "square"]
-    # Wider than max_map_length: fewer mapped instances, each several splits.
-    assert len(mapped) == min(width, math.ceil(width / math.ceil(width / MAX_MAP_LENGTH)))
-    assert len(mapped) <= MAX_MAP_LENGTH
+    # Narrow: one mapped instance per split. Wide (more than two per task
+    # slot): ranges of splits, two per slot, never more than max_map_length.
+    assert len(mapped) == min(width, 2 * TASK_SLOTS)
+    labels = sorted(ti["rendered_map_index"] for ti in mapped)
+    if width <= 2 * TASK_SLOTS:
+        assert labels == sorted("split %d" % i for i in range(width))
+    else:
+        assert labels == ["splits 0-4", "splits 10-14", "splits 15-19", "splits 5-9"]
+
+
+def test_wide_foreach_ranges_retry_only_the_failed_split(batch):
+    run = ok(batch, "ranges")
+    assert run["join"].task.data.values == [i * 10 for i in range(10)]
+    tasks = {t.index: t for t in run["work"]}
+    # Split 3 failed once and ran again as attempt 1; the splits that share
+    # its range (2-4) ran once.
+    assert tasks[3].current_attempt == 1
+    assert [tasks[i].current_attempt for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)] == [0] * 9
+    for i, t in tasks.items():  # every split has its own logs
+        lines = [x for x in t.stdout.splitlines() if x.startswith("split ")]
+        assert lines == ["split %d attempt %d" % (i, t.current_attempt)], (i, t.stdout)
+    tis = {ti["rendered_map_index"]: ti for ti in batch.tis("ranges") if ti["task_id"] == "work"}
+    assert sorted(tis) == ["splits 0-1", "splits 2-4", "splits 5-6", "splits 7-9"]
+    assert tis["splits 2-4"]["try_number"] == 2
+    assert {ti["try_number"] for k, ti in tis.items() if k != "splits 2-4"} == {1}
+    log = batch.api.task_log("RangesFlow", batch.runs["ranges"], "work", 2,
+                             tis["splits 2-4"]["map_index"])
+    assert "[t-3] split 3 attempt 1" in log
+    assert "not run again" in log and "split 2 attempt" not in log
+    # One warm process per range forked every split of it (split 3's second
+    # attempt ran in the retry's).
+    data = {i: t.data for i, t in tasks.items()}
+    for lo, hi in ((0, 2), (5, 7), (7, 10)):
+        assert len({data[i].ppid for i in range(lo, hi)}) == 1
+        assert len({data[i].pid for i in range(lo, hi)}) == hi - lo
 
 
 def test_zero_width_foreach_fails_the_run(batch):
@@ -348,20 +381,25 @@ def test_cancelling_a_running_task_kills_its_step(batch):
     harness.wait_for(lambda: "sleeping" in api.task_log("SleepyFlow", run_id, "sleep"), 300,
                      "the sleep step to start", interval=2)
     mf_run = run_id_for("SleepyFlow", run_id)
-    assert _step_alive(batch.executor, mf_run)
+    pid = int(re.search(r"sleeping pid=(\d+)", api.task_log("SleepyFlow", run_id, "sleep")).group(1))
+    assert _step_alive(batch.executor, mf_run, pid)
     api.patch("/api/v2/dags/SleepyFlow/dagRuns/%s/taskInstances/sleep" % run_id,
               {"new_state": "failed"})
-    harness.wait_for(lambda: not _step_alive(batch.executor, mf_run), 90,
+    harness.wait_for(lambda: not _step_alive(batch.executor, mf_run, pid), 90,
                      "the cancelled step to be killed", interval=1)
     assert api.wait_for_run("SleepyFlow", run_id, timeout=120) == "failed"
 
 
-def _step_alive(executor, mf_run_id):
+def _step_alive(executor, mf_run_id, pid):
     if executor == "docker":
         out = subprocess.run(["docker", "ps", "-q", "--filter",
                               "label=metaflow-services.pathspec=SleepyFlow/%s/sleep/t-0" % mf_run_id],
                              stdout=subprocess.PIPE, text=True, check=True).stdout
         return bool(out.strip())
-    out = subprocess.run(["pgrep", "-f", "step sleep --run-id %s" % mf_run_id],
-                         stdout=subprocess.PIPE, text=True).stdout
-    return bool(out.strip())
+    # The step is a fork of the warm process: its command line is the warm
+    # process's; it printed its pid.
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has ended
+    except (FileNotFoundError, IndexError):
+        return False

@@ -1,4 +1,5 @@
 """A step that runs until it is cancelled from Airflow."""
+import os
 import time
 
 from metaflow import FlowSpec, step
@@ -11,7 +12,7 @@ class SleepyFlow(FlowSpec):
 
     @step
     def sleep(self):
-        print("sleeping", flush=True)
+        print("sleeping pid=%d" % os.getpid(), flush=True)
         time.sleep(600)
         self.next(self.end)
 

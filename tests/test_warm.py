@@ -1,0 +1,159 @@
+"""The step containers' warm process (metaflow_services/warm.py): each
+Metaflow command is a fork of one Python that imported Metaflow once. What a
+step sees must be what `python flow.py ...` would give it: its own process
+session, environment, folder, arguments and exit status, and random numbers
+of its own; a warm process that cannot start or dies leaves the commands to
+new Python processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from metaflow_services import warm
+from metaflow_services.executors import BOOTSTRAP_SOURCE
+
+SCRIPT = """
+    import json, os, random, sys
+    import numpy_like_module  # a sibling module: the flow's folder is on sys.path
+
+    print(json.dumps({"argv": sys.argv[1:], "pid": os.getpid(), "sid": os.getsid(0),
+                      "cwd": os.getcwd(), "x": os.environ.get("X"), "r": random.random(),
+                      "seen": numpy_like_module.COUNT}), flush=True)
+    print("on stderr", file=sys.stderr)
+    numpy_like_module.COUNT += 1
+    if "--exit" in sys.argv:
+        sys.exit(int(sys.argv[-1]))
+    if "--raise" in sys.argv:
+        raise ValueError("raised by the flow")
+    if "--sleep" in sys.argv:
+        import time
+        time.sleep(60)
+"""
+
+
+class Out:
+    def __init__(self):
+        self.lines = []
+
+    def line(self, text, stream=None):
+        self.lines.append(text)
+
+
+@pytest.fixture
+def flow(tmp_path):
+    (tmp_path / "flow.py").write_text(textwrap.dedent(SCRIPT))
+    (tmp_path / "numpy_like_module.py").write_text("COUNT = 0\n")
+    return tmp_path / "flow.py"
+
+
+def launcher(flow_file, env=None):
+    return warm.Launcher(dict(os.environ, **(env or {})), str(flow_file), BOOTSTRAP_SOURCE, Out())
+
+
+def run(launcher_, flow_file, *args, env=None, cwd="/tmp"):
+    import json
+
+    code, out = launcher_.call([str(flow_file)] + list(args), env or {}, cwd)
+    first = out.splitlines()[0]
+    return code, json.loads(first), out
+
+
+def running(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_each_command_is_a_fork_with_its_own_session_env_and_folder(flow, tmp_path):
+    lw = launcher(flow)
+    try:
+        assert lw.warm is not None, lw.describe()
+        code1, a, out = run(lw, flow, "one", env={"X": "first"}, cwd=str(tmp_path))
+        code2, b, _ = run(lw, flow, "two")
+        assert (code1, code2) == (0, 0)
+        assert "on stderr" in out
+        assert a["argv"] == ["one"] and b["argv"] == ["two"]
+        assert a["x"] == "first" and b["x"] is None  # no environment leaks between commands
+        assert a["cwd"] == str(tmp_path) and b["cwd"] == "/tmp"
+        assert a["sid"] == a["pid"] and b["sid"] == b["pid"]  # a session each (killpg)
+        assert a["pid"] != b["pid"]
+        # The flow's imports were loaded before the fork, and each command
+        # starts from that state again: the second did not see the first's change.
+        assert a["seen"] == b["seen"] == 0
+        assert a["r"] != b["r"]
+    finally:
+        lw.close()
+
+
+def test_exit_codes_and_tracebacks_are_what_python_gives(flow):
+    lw = launcher(flow)
+    try:
+        assert run(lw, flow, "--exit", "7")[0] == 7
+        code, _, out = run(lw, flow, "--raise")
+        assert code == 1
+        assert "ValueError: raised by the flow" in out
+        assert str(flow) in out and "metaflow-services-bootstrap" not in out
+        proc = lw.start([str(flow), "--sleep"], {}, "/tmp")
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+        assert run(lw, flow, "after")[0] == 0  # the warm process serves on
+    finally:
+        lw.close()
+
+
+def test_a_dead_warm_process_fails_its_running_command_and_the_rest_run_cold(flow):
+    lw = launcher(flow)
+    try:
+        proc = lw.start([str(flow), "--sleep"], {}, "/tmp")
+        time.sleep(1)
+        lw.warm.proc.kill()
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.time() + 10  # its orphan was stopped, not left running
+        while running(proc.pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not running(proc.pid)
+        code, data, _ = run(lw, flow, "cold")
+        assert code == 0 and data["argv"] == ["cold"]
+        assert isinstance(lw.start([str(flow)], {}, "/tmp"), subprocess.Popen)
+    finally:
+        lw.close()
+
+
+def test_imports_that_start_threads_mean_no_warm_process(tmp_path):
+    # Forking a process that has threads can copy a lock another thread held.
+    (tmp_path / "threaded.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    flow = tmp_path / "flow.py"
+    flow.write_text("import threaded\nprint('ran')\n")
+    lw = launcher(flow)
+    try:
+        assert lw.warm is None
+        assert "started threads" in lw.describe()
+        code, out = lw.call([str(flow)], {}, "/tmp")
+        assert code == 0 and out.strip() == "ran"
+    finally:
+        lw.close()
+
+
+def test_warm_process_can_be_switched_off(flow):
+    lw = launcher(flow, {"MFS_WARM_PROCESS": "0"})
+    assert lw.warm is None
+    assert run(lw, flow, "x")[0] == 0
+    lw.close()
+
+
+def test_bootstrap_source_is_one_program():
+    # The executors send warm.py and bootstrap.py as one `python -c` program.
+    src = Path(warm.__file__).read_text()
+    assert BOOTSTRAP_SOURCE.startswith(src)
+    compile(BOOTSTRAP_SOURCE, "bootstrap", "exec")
