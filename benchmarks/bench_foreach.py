@@ -6,6 +6,7 @@ seconds>; asserts nothing.
 
     .venv/bin/python benchmarks/bench_foreach.py --width 300
     .venv/bin/python benchmarks/bench_foreach.py --linear 10     # the 10-step linear flow
+    .venv/bin/python benchmarks/bench_foreach.py --width 10000 --skip-metaflow --metadata service
 
 Where the time goes, for the foreach's body tasks (from Airflow's task
 instances and the times each task's user code records):
@@ -27,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +50,11 @@ def main():
     ap.add_argument("--executor", default="docker")
     ap.add_argument("--step-image", default="mfs-step:test")
     ap.add_argument("--slots", type=int, default=SLOTS)
+    ap.add_argument("--metadata", choices=["local", "service"], default="local",
+                    help="Metaflow's metadata: local files, or the real metadata service "
+                         "(the deploy's default; reports its rows)")
+    ap.add_argument("--skip-metaflow", action="store_true",
+                    help="only the Airflow run (10,000 splits: Metaflow's runtime takes hours)")
     args = ap.parse_args()
     if args.linear:
         flow_file, dag_id, conf = HERE / "flows" / "linear10_flow.py", "Linear10Flow", {}
@@ -58,12 +65,15 @@ def main():
     base, mflocal = local.scratch_dir("mfs-bench-foreach-")
     s3, pg = local.SeaweedFS(base), local.Postgres(base)
     env = local.metaflow_env(s3, mflocal, "bench")
-    os.environ.update(env)
-    af = None
+    af = svc = None
     try:
         print("starting PostgreSQL, SeaweedFS, Airflow ...", flush=True)
         s3.start()
         pg.start()
+        if args.metadata == "service":
+            svc = local.MetaflowService(base, pg, s3).start()
+            env.update(METAFLOW_DEFAULT_METADATA="service", METAFLOW_SERVICE_URL=svc.url)
+        os.environ.update(env)
         af = local.Airflow(base, pg, env, max_map_length=1024,
                            airflow_env={"AIRFLOW__CORE__PARALLELISM": str(args.slots)})
         af.start(local.worker_env(args.executor, base, mflocal, args.step_image))
@@ -71,35 +81,106 @@ def main():
         subprocess.run([str(local.VENV_BIN / "metaflow-services"), "compile", str(flow_file),
                         "-o", str(af.dags)], check=True, stdout=subprocess.DEVNULL)
         api.wait_for_dag(dag_id)
+        native = None if args.skip_metaflow else metaflow_run(flow_file, args)
 
-        t = time.time()
-        # Metaflow's runtime refuses more than 100 splits unless told.
-        extra = [] if args.linear else ["--max-num-splits", str(args.width + 1),
-                                        "--width", str(args.width)]
-        proc = subprocess.run([sys.executable, str(flow_file), "--no-pylint", "run",
-                               "--max-workers", str(args.slots)] + extra,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              cwd=str(flow_file.parent))
-        if proc.returncode:
-            raise SystemExit("python %s run failed:\n%s" % (flow_file.name, proc.stderr[-3000:]))
-        native = time.time() - t
-        print("metaflow runtime (%d workers): %.1f s" % (args.slots, native), flush=True)
-
+        rows0, db0 = metadata_rows(pg, svc), db_size(pg, af.db)
+        usage = Usage({"scheduler": af.procs["scheduler"].pid, "postgres": pg.pid()})
         t = time.time()
         run_id = api.trigger(dag_id, conf, run_id="bench__%d" % time.time())
         state = api.wait_for_run(dag_id, run_id, timeout=6 * 3600)
         airflow = time.time() - t
+        usage.stop()
         if state != "success":
             raise SystemExit("the Airflow run ended %s" % state)
         print("airflow + %s executor (%d slots): %.1f s" % (args.executor, args.slots, airflow),
               flush=True)
+        print("peak memory (PSS): %s; Airflow's database grew %.1f MB%s" % (
+            ", ".join("%s %.0f MB" % kv for kv in usage.peaks.items()),
+            (db_size(pg, af.db) - db0) / 1e6,
+            "" if svc is None else "; metadata service rows added: %s" % ", ".join(
+                "%s %d" % (t, n - rows0[t]) for t, n in metadata_rows(pg, svc).items())),
+            flush=True)
         breakdown(api, dag_id, run_id, "step1" if args.linear else "work", args.slots)
     finally:
         if af:
             af.stop()
+        if svc:
+            svc.stop()
         pg.stop()
         s3.stop()
-    print("ratio=%.2f" % (airflow / native))
+    if native:
+        print("ratio=%.2f" % (airflow / native))
+
+
+def metaflow_run(flow_file, args):
+    t = time.time()
+    # Metaflow's runtime refuses more than 100 splits unless told.
+    extra = [] if args.linear else ["--max-num-splits", str(args.width + 1),
+                                    "--width", str(args.width)]
+    proc = subprocess.run([sys.executable, str(flow_file), "--no-pylint", "run",
+                           "--max-workers", str(args.slots)] + extra,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          cwd=str(flow_file.parent))
+    if proc.returncode:
+        raise SystemExit("python %s run failed:\n%s" % (flow_file.name, proc.stderr[-3000:]))
+    native = time.time() - t
+    print("metaflow runtime (%d workers): %.1f s" % (args.slots, native), flush=True)
+    return native
+
+
+def db_size(pg, db):
+    return int(pg.query(db, "SELECT pg_database_size(current_database())")[0][0])
+
+
+def metadata_rows(pg, svc):
+    if svc is None:
+        return {}
+    return {t: int(pg.query(svc.DB, "SELECT count(*) FROM %s" % t)[0][0])
+            for t in ("tasks_v3", "metadata_v3", "artifact_v3")}
+
+
+class Usage:
+    """Peak memory of process trees (PSS: shared pages counted once), sampled
+    every 2 s: the scheduler with the task processes it forks, PostgreSQL."""
+
+    def __init__(self, roots):
+        self.roots = roots
+        self.peaks = {name: 0.0 for name in roots}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while not self._stop.wait(2):
+            children = {}
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(") ", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+            for name, root in self.roots.items():
+                tree, todo = [], [root]
+                while todo:
+                    pid = todo.pop()
+                    tree.append(pid)
+                    todo += children.get(pid, [])
+                mb = sum(_pss_kb(pid) for pid in tree) / 1024
+                self.peaks[name] = max(self.peaks[name], mb)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def _pss_kb(pid):
+    try:
+        for line in Path("/proc/%d/smaps_rollup" % pid).read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def breakdown(api, dag_id, run_id, body, slots):

@@ -29,7 +29,8 @@ import time
 # The bootstrap's source travels in an environment variable rather than on the
 # command line, so `ps` and `docker top` show a short command.
 BOOTSTRAP_ENV = "MFS_BOOTSTRAP"
-BOOTSTRAP_CODE = ("import os; exec(compile(os.environ.pop(%r), 'metaflow-services-bootstrap', "
+# (Not popped here: the bootstrap keeps the source to start its warm process.)
+BOOTSTRAP_CODE = ("import os; exec(compile(os.environ[%r], 'metaflow-services-bootstrap', "
                   "'exec'))" % BOOTSTRAP_ENV)
 WARM_FD_ENV = "MFS_WARM_FD"
 WARM_FLOW_ENV = "MFS_WARM_FLOW"

@@ -29,7 +29,7 @@ STEP_IMAGE = os.environ.get("MFS_TEST_STEP_IMAGE", "mfs-step:test")
 FLOW_FILES = ["linear_flow.py", "branches_flow.py", "foreach_flow.py", "nested_foreach_flow.py",
               "switch_flow.py", "retry_catch_flow.py", "config_project_flow.py",
               "single_step_flow.py", "custom_names_flow.py", "stubborn_flow.py",
-              "sleepy_flow.py", "ranges_flow.py"]
+              "sleepy_flow.py", "ranges_flow.py", "sleepy_range_flow.py"]
 PROJECT_DAG = "mfs_test.user.%s.ConfigProjectFlow" % TEST_USER
 
 # key -> (dag id, params given in the trigger request)
@@ -87,7 +87,7 @@ def dags(airflow):
     api = airflow.api()
     for f in FLOW_FILES:
         compile_flow(FLOWS / f, airflow.dags)
-    for dag_id in sorted({d for d, _ in RUNS.values()} | {"SleepyFlow"}):
+    for dag_id in sorted({d for d, _ in RUNS.values()} | {"SleepyFlow", "SleepyRangeFlow"}):
         api.wait_for_dag(dag_id)
 
 
@@ -235,6 +235,7 @@ def test_wide_foreach_ranges_retry_only_the_failed_split(batch):
                              tis["splits 2-4"]["map_index"])
     assert "[t-3] split 3 attempt 1" in log
     assert "not run again" in log and "split 2 attempt" not in log
+    assert "warm process ready" in log
     # One warm process per range forked every split of it (split 3's second
     # attempt ran in the retry's).
     data = {i: t.data for i, t in tasks.items()}
@@ -390,6 +391,54 @@ def test_cancelling_a_running_task_kills_its_step(batch):
     assert api.wait_for_run("SleepyFlow", run_id, timeout=120) == "failed"
 
 
+def test_cancelling_a_run_kills_every_split_of_its_ranges(batch):
+    """Six splits in four ranges (two per task slot): each range's first split
+    sleeps; marking the run failed kills all of them, and the ranges' other
+    splits never start."""
+    api = batch.api
+    run_id = api.trigger("SleepyRangeFlow", run_id="ranges__%s__%d" % (batch.executor, time.time()))
+
+    def sleeping():
+        found = {}
+        for ti in api.task_instances("SleepyRangeFlow", run_id):
+            if ti["task_id"] == "sleep" and ti["state"] == "running":
+                log = api.task_log("SleepyRangeFlow", run_id, "sleep", 1, ti["map_index"])
+                found.update({int(i): int(p) for i, p in
+                              re.findall(r"split (\d+) sleeping pid=(\d+)", log)})
+        return found
+
+    harness.wait_for(lambda: sorted(sleeping()) == [0, 1, 3, 4], 300,
+                     "the first split of every range to start", interval=2)
+    pids = sleeping()
+    api.patch("/api/v2/dags/SleepyRangeFlow/dagRuns/%s" % run_id, {"state": "failed"})
+    if batch.executor == "docker":
+        harness.wait_for(lambda: not _containers("SleepyRangeFlow"), 90,
+                         "the ranges' containers to be removed", interval=1)
+    else:
+        harness.wait_for(lambda: not any(_alive(p) for p in pids.values()), 90,
+                         "every split's process to be killed", interval=1)
+    time.sleep(5)
+    assert sorted(sleeping()) == []
+    logs = "".join(api.task_log("SleepyRangeFlow", run_id, "sleep", 1, ti["map_index"])
+                   for ti in api.task_instances("SleepyRangeFlow", run_id)
+                   if ti["task_id"] == "sleep")
+    assert "split 2 sleeping" not in logs and "split 5 sleeping" not in logs
+
+
+def _containers(dag_id):
+    return subprocess.run(["docker", "ps", "-aq", "--filter",
+                           "label=metaflow-services.dag-id=%s" % dag_id],
+                          stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
+
+
+def _alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"  # a zombie has ended
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 def _step_alive(executor, mf_run_id, pid):
     if executor == "docker":
         out = subprocess.run(["docker", "ps", "-q", "--filter",
@@ -398,8 +447,4 @@ def _step_alive(executor, mf_run_id, pid):
         return bool(out.strip())
     # The step is a fork of the warm process: its command line is the warm
     # process's; it printed its pid.
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().split(") ")[1][0] != "Z"  # a zombie has ended
-    except (FileNotFoundError, IndexError):
-        return False
+    return _alive(pid)

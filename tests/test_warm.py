@@ -152,6 +152,33 @@ def test_warm_process_can_be_switched_off(flow):
     lw.close()
 
 
+def test_the_bootstrap_as_the_executors_start_it_has_a_warm_process(tmp_path):
+    """`python -c` with the source in the environment, as both executors
+    start it: the bootstrap keeps its source for the warm process."""
+    import hashlib
+    import json
+    import logging
+    import tarfile
+
+    from metaflow_services.config import Settings
+    from metaflow_services.executors import Launch, SubprocessExecutor
+
+    (tmp_path / "flow.py").write_text("print('a flow')\n")
+    package = tmp_path / "job.tgz"
+    with tarfile.open(package, "w:gz") as tar:
+        tar.add(tmp_path / "flow.py", arcname="flow.py")
+    job = {"package": {"url": str(package), "sha": hashlib.sha1(package.read_bytes()).hexdigest(),
+                       "post_extract_env": {}},
+           "cache_dir": str(tmp_path / "cache"), "flow_file": "flow.py", "deadline_seconds": None,
+           "where": "a test", "log": {"attempt": 0, "datastore": "s3", "datastore_root": "-"},
+           "tasks": []}
+    lines = []
+    executor = SubprocessExecutor(Settings(), logging.getLogger("test"))
+    code = executor.run(Launch(name="probe", env={}, job=json.dumps(job).encode()), lines.append)
+    assert code == 0, lines
+    assert "0 Metaflow task(s)" in lines[0] and "warm process ready" in lines[0], lines
+
+
 def test_bootstrap_source_is_one_program():
     # The executors send warm.py and bootstrap.py as one `python -c` program.
     src = Path(warm.__file__).read_text()
