@@ -243,11 +243,16 @@ def warm_main():
     sock = socket.socket(fileno=int(os.environ.pop(WARM_FD_ENV)))
     flow_file = os.environ.pop(WARM_FLOW_ENV)
     sys.path[0:1] = [os.path.dirname(flow_file)]
+    main = vars(sys.modules["__main__"])
+    before = set(main)
     try:
         _preload(flow_file)
     except BaseException as e:  # Metaflow itself does not import: say so, run cold
         sock.send(json.dumps({"error": "importing Metaflow failed: %r" % e}).encode())
         return
+    # What the imports put on __main__ (Metaflow puts its ForeachFrame there so
+    # that pickles find it): the flow runs in a new __main__, which needs them.
+    extras = {k: v for k, v in main.items() if k not in before}
     if threading.active_count() > 1:
         # Forking a process with threads can copy a lock some thread held.
         sock.send(json.dumps({"error": "the flow's imports started threads"}).encode())
@@ -282,7 +287,7 @@ def warm_main():
                 sock.close()
                 for fd in (wake_r, wake_w):
                     os.close(fd)
-                _child(request, fds)  # raises SystemExit: the interpreter exits
+                _child(request, fds, extras)  # raises SystemExit: the interpreter exits
             for fd in fds:
                 os.close(fd)
             children[pid] = request["id"]
@@ -336,7 +341,7 @@ def _flow_imports(flow_file):
     return names
 
 
-def _child(request, fds):
+def _child(request, fds, extras):
     os.setsid()
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -358,11 +363,11 @@ def _child(request, fds):
     try:
         if argv[0] == "-m":
             sys.argv = [argv[1]] + argv[2:]
-            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            runpy.run_module(argv[1], init_globals=extras, run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(argv)
             sys.path[0] = os.path.dirname(argv[0])
-            runpy.run_path(argv[0], run_name="__main__")
+            runpy.run_path(argv[0], init_globals=extras, run_name="__main__")
     except SystemExit:
         raise
     except BaseException as e:
