@@ -184,3 +184,22 @@ def test_bootstrap_source_is_one_program():
     src = Path(warm.__file__).read_text()
     assert BOOTSTRAP_SOURCE.startswith(src)
     compile(BOOTSTRAP_SOURCE, "bootstrap", "exec")
+
+
+def test_a_metaflow_foreach_runs_in_a_fork(tmp_path):
+    """Metaflow's import puts ForeachFrame on __main__ for its pickles; the
+    flow's own __main__ in the fork must have it (the foreach's artifacts are
+    unpickled by the runtime running there)."""
+    from support import FLOWS
+
+    env = {"METAFLOW_DEFAULT_METADATA": "local", "METAFLOW_DEFAULT_DATASTORE": "local",
+           "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"), "USERNAME": "tester"}
+    flow = FLOWS / "foreach_flow.py"
+    lw = launcher(flow, env)
+    try:
+        assert lw.warm is not None, lw.describe()
+        code, out = lw.call([str(flow), "--no-pylint", "run", "--width", "2"], {}, str(tmp_path))
+        assert code == 0, out[-3000:]
+        assert "values [1, 2]" in out
+    finally:
+        lw.close()
