@@ -37,9 +37,10 @@ WARM_FLOW_ENV = "MFS_WARM_FLOW"
 _MAX_MESSAGE = 4 << 20
 _OWN_FRAMES = ("<string>", "metaflow-services-bootstrap", __file__ if "__file__" in globals() else "")
 # Loaded before the first fork: what `python flow.py step` and save_logs
-# import on their way to the user's code.
+# import on their way to the user's code. Not metaflow.cli: importing it adds
+# the flow's Config options to the CLI, so it must come after the flow class.
 _METAFLOW_MODULES = (
-    "metaflow.cli", "metaflow.task", "metaflow.datastore",
+    "metaflow.task", "metaflow.datastore",
     "metaflow.plugins.datastores.s3_storage", "metaflow.plugins.metadata_providers.service",
     "metaflow.mflog.save_logs", "metaflow.plugins.datatools.s3", "boto3",
 )

@@ -186,20 +186,25 @@ def test_bootstrap_source_is_one_program():
     compile(BOOTSTRAP_SOURCE, "bootstrap", "exec")
 
 
-def test_a_metaflow_foreach_runs_in_a_fork(tmp_path):
-    """Metaflow's import puts ForeachFrame on __main__ for its pickles; the
-    flow's own __main__ in the fork must have it (the foreach's artifacts are
-    unpickled by the runtime running there)."""
+@pytest.mark.parametrize("flow_name,args,printed", [
+    # Metaflow's import puts ForeachFrame on __main__ for its pickles: the
+    # flow's own __main__ in the fork must have it.
+    ("foreach_flow.py", ["--width", "2"], "values [1, 2]"),
+    # Metaflow's CLI takes the flow's Config options when metaflow.cli is
+    # imported: that must happen in the fork, after the flow class exists.
+    ("config_project_flow.py", [], "Done!"),
+])
+def test_a_metaflow_run_in_a_fork(tmp_path, flow_name, args, printed):
     from support import FLOWS
 
     env = {"METAFLOW_DEFAULT_METADATA": "local", "METAFLOW_DEFAULT_DATASTORE": "local",
            "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"), "USERNAME": "tester"}
-    flow = FLOWS / "foreach_flow.py"
+    flow = FLOWS / flow_name
     lw = launcher(flow, env)
     try:
         assert lw.warm is not None, lw.describe()
-        code, out = lw.call([str(flow), "--no-pylint", "run", "--width", "2"], {}, str(tmp_path))
+        code, out = lw.call([str(flow), "--no-pylint", "run"] + args, {}, str(tmp_path))
         assert code == 0, out[-3000:]
-        assert "values [1, 2]" in out
+        assert printed in out
     finally:
         lw.close()
