@@ -322,13 +322,17 @@ class DockerExecutor:
         with self._lock:
             containers = list(self._containers.values())
         for c in containers:
+            # SIGTERM: the bootstrap stops every step it runs and saves their
+            # logs. Airflow kills this process 5 s after it asked it to stop,
+            # before run() could remove the container: remove it here.
             try:
-                c.stop(timeout=15)  # SIGTERM: the bootstrap stops the step and saves logs
+                c.stop(timeout=3)
             except Exception:
-                try:
-                    c.kill()
-                except Exception:
-                    pass
+                pass
+            try:
+                c.remove(force=True)
+            except Exception:
+                pass
 
 
 _NAME_RE = re.compile(r"[^a-zA-Z0-9_.-]")

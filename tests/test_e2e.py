@@ -411,7 +411,7 @@ def test_cancelling_a_run_kills_every_split_of_its_ranges(batch):
                      "the first split of every range to start", interval=2)
     pids = sleeping()
     api.patch("/api/v2/dags/SleepyRangeFlow/dagRuns/%s" % run_id, {"state": "failed"})
-    if batch.executor == "docker":
+    if batch.executor == "docker":  # stopped and removed, not left exited
         harness.wait_for(lambda: not _containers("SleepyRangeFlow"), 90,
                          "the ranges' containers to be removed", interval=1)
     else:
