@@ -191,7 +191,6 @@ class Batch:
         if rc == 0 and os.path.exists(result_file):
             with open(result_file) as f:
                 result.update(json.load(f))
-            result["attempt"] = log["attempt"]
             if task.get("result_url"):
                 write_object(task["result_url"], json.dumps(result).encode())
         self.out.result(dict(result, key=task["key"]))

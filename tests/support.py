@@ -156,3 +156,13 @@ def two_step_flow(imp="Parameter", flow_deco="", param="", step_deco="", name="B
     imports, decorators and parameter line."""
     return TWO_STEPS.format(imp=imp, flow_deco=flow_deco, param=param, step_deco=step_deco,
                             name=name)
+
+
+def process_running(pid):
+    """Whether a process runs (a zombie has ended)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+

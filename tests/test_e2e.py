@@ -20,7 +20,7 @@ import pytest
 
 import harness
 from support import (BASE, FLOWS, GRACE, MFLOCAL, TASK_SLOTS, TEST_USER, UI_URL, compile_flow,
-                     docker_available)
+                     docker_available, process_running)
 
 pytestmark = pytest.mark.e2e
 
@@ -415,7 +415,7 @@ def test_cancelling_a_run_kills_every_split_of_its_ranges(batch):
         harness.wait_for(lambda: not _containers("SleepyRangeFlow"), 90,
                          "the ranges' containers to be removed", interval=1)
     else:
-        harness.wait_for(lambda: not any(_alive(p) for p in pids.values()), 90,
+        harness.wait_for(lambda: not any(process_running(p) for p in pids.values()), 90,
                          "every split's process to be killed", interval=1)
     time.sleep(5)
     assert sorted(sleeping()) == []
@@ -431,14 +431,6 @@ def _containers(dag_id):
                           stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
 
 
-def _alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"  # a zombie has ended
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 def _step_alive(executor, mf_run_id, pid):
     if executor == "docker":
         out = subprocess.run(["docker", "ps", "-q", "--filter",
@@ -447,4 +439,4 @@ def _step_alive(executor, mf_run_id, pid):
         return bool(out.strip())
     # The step is a fork of the warm process: its command line is the warm
     # process's; it printed its pid.
-    return _alive(pid)
+    return process_running(pid)

@@ -18,6 +18,7 @@ import pytest
 
 from metaflow_services import warm
 from metaflow_services.executors import BOOTSTRAP_SOURCE
+from support import process_running
 
 SCRIPT = """
     import json, os, random, sys
@@ -63,14 +64,6 @@ def run(launcher_, flow_file, *args, env=None, cwd="/tmp"):
     code, out = launcher_.call([str(flow_file)] + list(args), env or {}, cwd)
     first = out.splitlines()[0]
     return code, json.loads(first), out
-
-
-def running(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_each_command_is_a_fork_with_its_own_session_env_and_folder(flow, tmp_path):
@@ -119,9 +112,9 @@ def test_a_dead_warm_process_fails_its_running_command_and_the_rest_run_cold(flo
         lw.warm.proc.kill()
         assert proc.wait(timeout=10) == -signal.SIGKILL
         deadline = time.time() + 10  # its orphan was stopped, not left running
-        while running(proc.pid) and time.time() < deadline:
+        while process_running(proc.pid) and time.time() < deadline:
             time.sleep(0.1)
-        assert not running(proc.pid)
+        assert not process_running(proc.pid)
         code, data, _ = run(lw, flow, "cold")
         assert code == 0 and data["argv"] == ["cold"]
         assert isinstance(lw.start([str(flow)], {}, "/tmp"), subprocess.Popen)
