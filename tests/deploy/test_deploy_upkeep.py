@@ -12,6 +12,7 @@ The tests of this module run in order and share one backup.
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
 import textwrap
@@ -487,7 +488,7 @@ def test_a_failed_upgrade_rolls_back_images_and_database(stack):
 
 # CI's 90-minute limit: the suite took 95 min in the 2026-12-03 rehearsal.
 # MFS_SLOW_TESTS=1 runs this one (6 min) too; see CONTRIBUTING.
-@pytest.mark.skipif(__import__("os").environ.get("MFS_SLOW_TESTS") != "1",
+@pytest.mark.skipif(os.environ.get("MFS_SLOW_TESTS") != "1",
                     reason="slow (6 min): set MFS_SLOW_TESTS=1 (CI's time limit)")
 def test_restore_onto_a_new_bare_vm(stack):
     lab = stack
