@@ -280,14 +280,21 @@ def remote_image_ids(s: Session, refs):
     return dict(line.split(" ", 1) for line in out.strip().splitlines() if " " in line)
 
 
+def bundle_lacks(s: Session, wanted, ids):
+    """The images *wanted* that neither the VM (*ids*) nor the bundle has."""
+    in_bundle = {e["ref"] for e in s.bundle_manifest["images"]}
+    return [ref for ref in wanted.values() if ids.get(ref) == "missing" and ref not in in_bundle]
+
+
+BUNDLE_LACKS_HINT = "make the bundle with the same options as the deploy (fab bundle --config ...)"
+
+
 def _images_from_bundle(s: Session, wanted, ids, missing):
     in_bundle = {e["ref"]: e["id"] for e in s.bundle_manifest["images"]}
-    not_in_bundle = [ref for ref in missing if ref not in in_bundle]
+    not_in_bundle = bundle_lacks(s, wanted, ids)
     if not_in_bundle:
         raise DeployError("the bundle lacks %s (and the VM does not have them)"
-                          % ", ".join(not_in_bundle),
-                          "make the bundle with the same options as the deploy "
-                          "(fab bundle --config ...)")
+                          % ", ".join(not_in_bundle), BUNDLE_LACKS_HINT)
     stale = [ref for ref in wanted.values() if ref in in_bundle and ids.get(ref) != in_bundle[ref]]
     if not stale:
         s.out.ok("all %d images of the bundle already loaded, upload skipped" % len(in_bundle))

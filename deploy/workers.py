@@ -81,6 +81,7 @@ def worker_preflight(w: Session):
     if problems:
         raise DeployError("preflight refused (nothing was changed): " + "; ".join(problems),
                           "fix the worker VM and run fab add-worker again")
+    _preflight_images(w)
     st = w.main.record
     for port, path in ((st["ports"]["https"], "/api/v2/monitor/health"),
                        (st["ports"]["s3"], "/")):
@@ -96,6 +97,21 @@ def worker_preflight(w: Session):
     w.out.ok("%s, %s cores, %.1f GB memory; reaches the main VM at https://%s (ports %d, %d)"
              % (f.get("os_name"), f.get("cores"), steps.memory_gb(f), st["public_host"],
                 st["ports"]["https"], st["ports"]["s3"]))
+
+
+def _preflight_images(w: Session):
+    """The worker runs the main VM's Airflow and step images (an upgrade may
+    have changed them): a bundle without them would fail only after the main
+    VM was reconfigured, so it is refused here."""
+    if w.bundle_manifest is None:
+        return
+    wanted = w.wanted_images()
+    lacking = steps.bundle_lacks(w, wanted, steps.remote_image_ids(w, wanted.values()))
+    if lacking:
+        raise DeployError("preflight refused (nothing was changed): the bundle %s lacks %s, "
+                          "which the main VM %s runs, and %s does not have them"
+                          % (w.bundle_path, ", ".join(lacking), w.main.host, w.host),
+                          steps.BUNDLE_LACKS_HINT)
 
 
 def configure_worker(w: Session):

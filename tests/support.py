@@ -29,13 +29,14 @@ VENV_BIN = Path(sys.executable).parent
 BASE, MFLOCAL = harness.scratch_dir("mfs-tests-")
 
 # The deploy test modules in the order they run (conftest.py sorts them): the
-# first deploy and what users do with it; backup, upgrade and restore (onto a
-# new bare VM); worker VMs; the lean variant last (it switches the Metaflow
-# services off). Every module must be listed (tests/test_layout.py).
+# first deploy and what users do with it; worker VMs; backup, upgrade and
+# restore (onto a new bare VM): after the workers, whose bundle has the images
+# of the first deploy, not the upgrade's; the lean variant last (it switches
+# the Metaflow services off). Every module must be listed (tests/test_layout.py).
 DEPLOY_ORDER = ["test_deploy_refusals", "test_deploy_stack", "test_deploy_stack_dags",
                 "test_deploy_stack_flows", "test_deploy_packages", "test_deploy_metaflow",
                 "test_deploy_security", "test_deploy_triggers", "test_deploy_readme",
-                "test_deploy_upkeep", "test_deploy_workers", "test_deploy_lean"]
+                "test_deploy_workers", "test_deploy_upkeep", "test_deploy_lean"]
 
 SEAWEED = harness.SeaweedFS(BASE)
 POSTGRES = harness.Postgres(BASE)

@@ -42,6 +42,7 @@ IMAGES = ["postgres", "seaweedfs", "proxy", "airflow", "step", "metadata", "meta
 VM_IP = vm_mod.VM_IP
 INSTALL_DIR = "/opt/metaflow-services"
 DATA_DIR = "/srv/metaflow-services"
+BACKUP_DIR = "/var/backups/metaflow-services"
 PROJECT = "metaflow-services"
 # `fab bundle --flows` of this folder: the air-gapped worker's wheelhouse.
 WHEELHOUSE_FLOWS = REPO / "tests" / "flows" / "wheelhouse"
@@ -377,6 +378,22 @@ class Lab:
         ).split()
         assert changed == [], "files changed on the VM: %s" % changed
         assert self.sh(state) == before, "locks or containers changed on the VM"
+
+
+@contextmanager
+def untouched(lab):
+    """The block changes nothing of the deployment: no file in its folders
+    newer than a marker, the same containers. (lab.unchanged() is for VMs
+    with no stack running: a running stack writes its own files.)"""
+    dirs = " ".join((INSTALL_DIR, DATA_DIR, BACKUP_DIR))
+    before = lab.containers()
+    lab.sh("touch /tmp/.mfs-upkeep-marker && sleep 1.1")
+    yield
+    # (a folder not made yet, such as the backups' before the first backup, is skipped)
+    changed = lab.sh("for d in %s; do [ ! -d $d ] || find $d -newer /tmp/.mfs-upkeep-marker; "
+                     "done" % dirs).split()
+    assert changed == [], changed
+    assert lab.containers() == before
 
 
 ONE_SHOTS = ("postgres-init", "airflow-init", "metaflow-migrate")

@@ -5,7 +5,8 @@ A busy platform (issue 18): a run is in flight during the backup (the restore
 holds it and every schedule back until `fab resume`, then it goes on) and
 during the upgrade (refused without a decision, then drained).
 
-Runs after test_deploy_stack*.py (file order) and ends with the VM replaced.
+Runs after test_deploy_stack*.py and the worker tests (support.DEPLOY_ORDER)
+and, with MFS_SLOW_TESTS=1, ends with the VM replaced.
 The tests of this module run in order and share one backup.
 """
 
@@ -18,10 +19,9 @@ import stat
 import textwrap
 import time
 from pathlib import Path
-from contextlib import contextmanager
 import pytest
 
-from deploylab import CACHE, DATA_DIR, INSTALL_DIR, VM_IP, _timed, run
+from deploylab import BACKUP_DIR, CACHE, DATA_DIR, INSTALL_DIR, VM_IP, _timed, run, untouched
 from test_deploy_stack import FLOW, assert_first_run_intact, drop_check_flow
 from test_deploy_stack import test_a_flow_dropped_into_the_stack_runs_through_airflow as run_check_flow
 
@@ -29,7 +29,6 @@ from metaflow_services import backup as archive
 
 pytestmark = pytest.mark.deploy
 
-BACKUP_DIR = "/var/backups/metaflow-services"
 LONG_FLOW = Path(__file__).resolve().parents[1] / "flows" / "long_flow.py"
 NEXT, BROKEN = "mfs-airflow:test-next", "mfs-airflow:test-broken"
 
@@ -103,20 +102,6 @@ def airflow_snapshot(lab):
                   timeout=60)
     assert log.status_code == 200, log.text
     return {"dags": dags, "runs": runs, "join_log": log.json()["content"]}
-
-
-@contextmanager
-def untouched(lab):
-    """The block changes nothing of the deployment: no file in its folders
-    newer than a marker, the same containers. (lab.unchanged() is for VMs
-    with no stack running: a running stack writes its own files.)"""
-    dirs = " ".join((INSTALL_DIR, DATA_DIR, BACKUP_DIR))
-    before = lab.containers()
-    lab.sh("touch /tmp/.mfs-upkeep-marker && sleep 1.1")
-    yield
-    changed = lab.sh("find %s -newer /tmp/.mfs-upkeep-marker" % dirs).split()
-    assert changed == [], changed
-    assert lab.containers() == before
 
 
 def flow_files(lab):

@@ -12,15 +12,19 @@ retries on the main VM as the next Metaflow attempt, and the run succeeds.
 `fab remove-worker` drains a live worker (the main VM is a single VM again)
 and forgets a dead one.
 
-Runs after the other deploy tests (file order), on the VM they leave.
+Runs after the other deploy tests but the upkeep ones (support.DEPLOY_ORDER),
+on the VM they leave: the upkeep tests upgrade the main VM to images the
+test bundle lacks (what a worker then needs is checked below).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shlex
 import subprocess
+import tarfile
 import textwrap
 import time
 import uuid
@@ -29,7 +33,7 @@ from pathlib import Path
 import pytest
 
 import vm as vm_mod
-from deploylab import CACHE, INSTALL_DIR, VENV_BIN, VM_IP, _timed
+from deploylab import CACHE, INSTALL_DIR, VENV_BIN, VM_IP, _timed, untouched
 
 pytestmark = pytest.mark.deploy
 
@@ -87,6 +91,30 @@ def test_add_worker_without_main_is_refused_before_anything_changes(lab, worker)
     res = lab.fab("add-worker", "--config", str(lab.config), host=worker.ip)
     assert res.returncode != 0
     assert "--main is missing: the main VM this worker takes tasks from" in res.output, str(res)
+    assert not (worker.root / INSTALL_DIR.lstrip("/")).exists()
+
+
+def test_a_bundle_without_the_main_vms_images_is_refused_before_anything_changes(
+        lab, worker, tmp_path):
+    """A bundle made before the main VM's last upgrade lacks the Airflow image
+    the main VM now runs: refused in preflight, before the main VM is touched."""
+    airflow = json.loads(lab.sh("cat %s/state/deploy.json" % INSTALL_DIR))["images"]["airflow"]
+    with tarfile.open(lab.bundle) as tar:
+        manifest = json.loads(tar.extractfile(tar.next()).read())
+    manifest["images"] = [e for e in manifest["images"] if e["ref"] != airflow]
+    old = tmp_path / "bundle-before-the-upgrade.tar"
+    with tarfile.open(old, "w") as tar:
+        data = json.dumps(manifest).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with untouched(lab):
+        res = lab.fab("add-worker", "--main", "deployer@%s" % VM_IP, "--config", str(lab.config),
+                      "--bundle", str(old), host=worker.ip)
+    assert res.returncode == 1, str(res)
+    assert "preflight refused (nothing was changed): the bundle %s lacks %s, which the main " \
+           "VM deployer@%s runs" % (old, airflow, VM_IP) in res.output, str(res)
+    assert "fab bundle --config" in res.output
     assert not (worker.root / INSTALL_DIR.lstrip("/")).exists()
 
 
