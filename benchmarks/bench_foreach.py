@@ -100,7 +100,10 @@ def main():
             "" if svc is None else "; metadata service rows added: %s" % ", ".join(
                 "%s %d" % (t, n - rows0[t]) for t, n in metadata_rows(pg, svc).items())),
             flush=True)
-        breakdown(api, dag_id, run_id, "step1" if args.linear else "work", args.slots)
+        if args.linear:
+            linear_breakdown(api, dag_id, run_id)
+        else:
+            breakdown(api, dag_id, run_id, "work", args.slots)
     finally:
         if af:
             af.stop()
@@ -225,6 +228,47 @@ def breakdown(api, dag_id, run_id, body, slots):
     (out / ("foreach-%s.json" % time.strftime("%Y%m%d-%H%M%S"))).write_text(json.dumps({
         "instances": len(spans), "sizes": sizes, "span": span, "first": firsts,
         "per_split": per_split}))
+
+
+def linear_breakdown(api, dag_id, run_id):
+    """Where a linear run's time goes, step after step (medians over its
+    tasks): the scheduler noticing the previous task's end (-> queued), the
+    executor taking the queued task (-> running), the task instance's start to
+    its user code (Airflow's task runner, container, warm process, Metaflow's
+    task start), and the user code to the task instance's end."""
+    from metaflow import Task, namespace
+
+    from metaflow_services.spec import run_id_for
+
+    namespace(None)
+    mf_run = "%s/%s" % (dag_id, run_id_for(dag_id, run_id))
+
+    def ts(v):
+        return datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+
+    tis = sorted((ti for ti in api.task_instances(dag_id, run_id) if ti["start_date"]),
+                 key=lambda ti: ts(ti["start_date"]))
+    rows, prev_end = [], None
+    for ti in tis:
+        queued = ts(ti["queued_when"]) if ti.get("queued_when") else None
+        start, end = ts(ti["start_date"]), ts(ti["end_date"])
+        started = Task("%s/%s/t-0" % (mf_run, ti["task_id"])).data.started
+        rows.append({
+            "task": ti["task_id"],
+            "to_queued": (queued - prev_end) if queued and prev_end else None,
+            "queued_to_running": (start - queued) if queued else None,
+            "to_user_code": started - start,
+            "user_code_to_end": end - started,
+        })
+        prev_end = end
+    for k in ("to_queued", "queued_to_running", "to_user_code", "user_code_to_end"):
+        vals = [r[k] for r in rows if r[k] is not None]
+        if vals:
+            print("per step, %-18s median %.2f s, max %.2f s" % (k, statistics.median(vals),
+                                                                max(vals)), flush=True)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / ("linear-%s.json" % time.strftime("%Y%m%d-%H%M%S"))).write_text(json.dumps(rows))
 
 
 def _split_range(ti):

@@ -87,6 +87,17 @@ def test_each_command_is_a_fork_with_its_own_session_env_and_folder(flow, tmp_pa
         lw.close()
 
 
+def test_the_warm_process_ends_by_itself_when_the_bootstrap_is_done(flow):
+    """Once a task's commands ran, closing the launcher ends the warm process
+    (its input ends): it exits, it is not killed after a wait (a task's
+    container lived 10 s longer than its step when it was)."""
+    lw = launcher(flow)
+    assert run(lw, flow, "one")[0] == 0
+    proc = lw.warm.proc
+    lw.close()
+    assert proc.returncode == 0
+
+
 def test_exit_codes_and_tracebacks_are_what_python_gives(flow):
     lw = launcher(flow)
     try:
