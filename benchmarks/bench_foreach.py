@@ -197,15 +197,12 @@ def breakdown(api, dag_id, run_id, body, slots):
     namespace(None)
     mf_run = "%s/%s" % (dag_id, run_id_for(dag_id, run_id))
 
-    def ts(v):
-        return datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
-
     spans, firsts, per_split, sizes = [], [], [], []
     for ti in api.task_instances(dag_id, run_id):
         if ti["task_id"] != body or not ti["start_date"] or not ti["end_date"]:
             continue
         lo, hi = _split_range(ti)
-        t0, t1 = ts(ti["start_date"]), ts(ti["end_date"])
+        t0, t1 = _ts(ti["start_date"]), _ts(ti["end_date"])
         spans.append((t0, t1))
         sizes.append(hi - lo)
         per_split.append((t1 - t0) / (hi - lo))
@@ -243,15 +240,12 @@ def linear_breakdown(api, dag_id, run_id):
     namespace(None)
     mf_run = "%s/%s" % (dag_id, run_id_for(dag_id, run_id))
 
-    def ts(v):
-        return datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
-
     tis = sorted((ti for ti in api.task_instances(dag_id, run_id) if ti["start_date"]),
-                 key=lambda ti: ts(ti["start_date"]))
+                 key=lambda ti: _ts(ti["start_date"]))
     rows, prev_end = [], None
     for ti in tis:
-        queued = ts(ti["queued_when"]) if ti.get("queued_when") else None
-        start, end = ts(ti["start_date"]), ts(ti["end_date"])
+        queued = _ts(ti["queued_when"]) if ti.get("queued_when") else None
+        start, end = _ts(ti["start_date"]), _ts(ti["end_date"])
         started = Task("%s/%s/t-0" % (mf_run, ti["task_id"])).data.started
         rows.append({
             "task": ti["task_id"],
@@ -269,6 +263,11 @@ def linear_breakdown(api, dag_id, run_id):
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / ("linear-%s.json" % time.strftime("%Y%m%d-%H%M%S"))).write_text(json.dumps(rows))
+
+
+def _ts(v):
+    """An Airflow API time as a Unix time."""
+    return datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
 
 
 def _split_range(ti):
