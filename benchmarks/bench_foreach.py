@@ -190,12 +190,9 @@ def breakdown(api, dag_id, run_id, body, slots):
     """Where the body's time goes: its task instances (one per split, or per
     range of splits), what an instance spends before its first split's user
     code, and what each split costs inside its instance."""
-    from metaflow import Task, namespace
+    from metaflow import Task
 
-    from metaflow_services.spec import run_id_for
-
-    namespace(None)
-    mf_run = "%s/%s" % (dag_id, run_id_for(dag_id, run_id))
+    mf_run = _metaflow_run(dag_id, run_id)
 
     spans, firsts, per_split, sizes = [], [], [], []
     for ti in api.task_instances(dag_id, run_id):
@@ -220,11 +217,9 @@ def breakdown(api, dag_id, run_id, body, slots):
              statistics.median(f for f, _ in firsts), statistics.median(per_split),
              statistics.median(u for _, u in firsts), max(0.0, span - busy),
              100 * max(0.0, span - busy) / span if span else 0), flush=True)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / ("foreach-%s.json" % time.strftime("%Y%m%d-%H%M%S"))).write_text(json.dumps({
+    _save("foreach", {
         "instances": len(spans), "sizes": sizes, "span": span, "first": firsts,
-        "per_split": per_split}))
+        "per_split": per_split})
 
 
 def linear_breakdown(api, dag_id, run_id):
@@ -233,12 +228,9 @@ def linear_breakdown(api, dag_id, run_id):
     executor taking the queued task (-> running), the task instance's start to
     its user code (Airflow's task runner, container, warm process, Metaflow's
     task start), and the user code to the task instance's end."""
-    from metaflow import Task, namespace
+    from metaflow import Task
 
-    from metaflow_services.spec import run_id_for
-
-    namespace(None)
-    mf_run = "%s/%s" % (dag_id, run_id_for(dag_id, run_id))
+    mf_run = _metaflow_run(dag_id, run_id)
 
     tis = sorted((ti for ti in api.task_instances(dag_id, run_id) if ti["start_date"]),
                  key=lambda ti: _ts(ti["start_date"]))
@@ -260,9 +252,23 @@ def linear_breakdown(api, dag_id, run_id):
         if vals:
             print("per step, %-18s median %.2f s, max %.2f s" % (k, statistics.median(vals),
                                                                 max(vals)), flush=True)
+    _save("linear", rows)
+
+
+def _metaflow_run(dag_id, run_id):
+    """The Metaflow run (pathspec) of an Airflow run, read in any namespace."""
+    from metaflow import namespace
+
+    from metaflow_services.spec import run_id_for
+
+    namespace(None)
+    return "%s/%s" % (dag_id, run_id_for(dag_id, run_id))
+
+
+def _save(kind, data):
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / ("linear-%s.json" % time.strftime("%Y%m%d-%H%M%S"))).write_text(json.dumps(rows))
+    (out / ("%s-%s.json" % (kind, time.strftime("%Y%m%d-%H%M%S")))).write_text(json.dumps(data))
 
 
 def _ts(v):

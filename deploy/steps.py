@@ -261,7 +261,7 @@ def images(s: Session):
     ids = remote_image_ids(s, wanted.values())
     missing = [ref for ref in wanted.values() if ids.get(ref) == "missing"]
     if s.bundle_manifest is not None:
-        ids = _images_from_bundle(s, wanted, ids, missing)
+        ids = _images_from_bundle(s, wanted, ids)
     else:
         for role, ref in wanted.items():
             if ids.get(ref) == "missing":
@@ -289,7 +289,7 @@ def bundle_lacks(s: Session, wanted, ids):
 BUNDLE_LACKS_HINT = "make the bundle with the same options as the deploy (fab bundle --config ...)"
 
 
-def _images_from_bundle(s: Session, wanted, ids, missing):
+def _images_from_bundle(s: Session, wanted, ids):
     in_bundle = {e["ref"]: e["id"] for e in s.bundle_manifest["images"]}
     not_in_bundle = bundle_lacks(s, wanted, ids)
     if not_in_bundle:

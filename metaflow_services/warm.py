@@ -209,11 +209,14 @@ class WarmProcess:
         # shutdown first: the answers thread is blocked in recv on this socket,
         # which keeps it open after close(), so the warm process would see no
         # end of its input and every task would wait out the 10 s below.
-        for end in (lambda: self.sock.shutdown(socket.SHUT_RDWR), self.sock.close):
-            try:
-                end()
-            except OSError:
-                pass
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
