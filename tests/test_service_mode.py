@@ -66,8 +66,11 @@ def runs(airflow, metaflow_service):
     before = dict(airflow.worker_env)
     if not docker_available():
         pytest.fail("the docker executor needs a Docker engine (scripts/host-setup starts one)")
+    # Metaflow's debug switches log every s3op and sidecar process a task
+    # starts (test_split_tasks_upload_and_heartbeat_from_their_own_process).
     airflow.start_scheduler(harness.worker_env(
-        "docker", BASE, MFLOCAL, STEP_IMAGE, MFS_TIMEOUT_GRACE_SECONDS=str(GRACE), **svc_env))
+        "docker", BASE, MFLOCAL, STEP_IMAGE, MFS_TIMEOUT_GRACE_SECONDS=str(GRACE),
+        METAFLOW_DEBUG_S3CLIENT="1", METAFLOW_DEBUG_SIDECAR="1", **svc_env))
     for key, (_, dag_id, conf) in RUNS.items():
         r.airflow_runs[key] = api.trigger(dag_id, conf, run_id="svc_%s__%d" % (key, time.time()))
     for key in RUNS:
@@ -194,6 +197,34 @@ def test_foreach_tasks_per_split(runs, client, key):
     squares = {t.id: (t.index, t.data.value) for t in run["square"]}
     assert squares == {"t-%d" % i: (i, i * i) for i in range(width)}
     assert run["join"].task.data.values == [i * i + 1 for i in range(width)]
+
+
+def test_split_tasks_upload_and_heartbeat_from_their_own_process(runs, client):
+    """A split's task is a fork of its container's warm process. Metaflow
+    would hand its artifacts (more than ten) to a new Python, s3op, and send
+    its heartbeats from another, a sidecar: each imports Metaflow again, more
+    CPU than the split's own work. Both stay in the task's process; the
+    artifacts and the heartbeat still reach S3 and the metadata service."""
+    from metaflow import Run
+
+    path = ok(runs, "foreach")
+    dag_id, airflow_run = runs.dag_id("foreach"), runs.airflow_runs["foreach"]
+    square = [ti for ti in runs.api.task_instances(dag_id, airflow_run)
+              if ti["task_id"] == "square"]
+    # Metaflow's debug logging is on in the step containers (it says so when
+    # the warm process imports it), so any such process would be logged.
+    assert all("debug[options" in runs.api.task_log(dag_id, airflow_run, "square",
+                                                    ti["try_number"], ti["map_index"])
+               for ti in square), square
+    tasks = {t["task_id"]: t for t in metadata_api(runs, path + "/steps/square/tasks")}
+    for task in Run("ForeachFlow/%s" % runs.run_id("foreach"))["square"]:
+        # Past Metaflow's threshold for s3op, with its own (hidden) artifacts.
+        stored = metadata_api(runs, path + "/steps/square/tasks/%s/artifacts" % task.id)
+        assert len(stored) > 10, stored
+        assert task.data.value == task.index ** 2
+        log = task.stderr
+        assert "s3op" not in log and "sidecar_worker" not in log, log
+        assert tasks[task.id]["last_heartbeat_ts"], tasks[task.id]
 
 
 def test_retried_attempts_recorded_in_the_service(runs, client):
