@@ -85,7 +85,12 @@ def main():
                                      launcher.describe()))
     rc = batch.run()
     launcher.close()
-    sys.exit(rc)
+    # Every line is out and every thread's work is done (the tasks' logs are
+    # uploaded, their results written): end without the interpreter's
+    # teardown, which the container's end would wait for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 class Output:

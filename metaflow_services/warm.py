@@ -306,6 +306,12 @@ def warm_main():
             os.killpg(pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
+    # Nothing of this process outlives it (its children are sessions of their
+    # own): skip the interpreter's teardown of Metaflow and boto3, 0.15 s
+    # that every step's container would wait for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _reap(children, sock):
