@@ -34,9 +34,10 @@ from .platform_secrets import (CONTAINER_DIR, CONTAINER_FILE, FILE_ENV as SECRET
 
 from .warm import BOOTSTRAP_CODE, BOOTSTRAP_ENV
 
-# One program: the warm process's code first, then the bootstrap that uses it.
-BOOTSTRAP_SOURCE = "\n".join(Path(__file__).with_name(n).read_text()
-                             for n in ("warm.py", "bootstrap.py"))
+# One program: the warm process's code first (what it changes in Metaflow,
+# then the process), then the bootstrap that uses it.
+BOOTSTRAP_PARTS = ("warm_tuning.py", "warm.py", "bootstrap.py")
+BOOTSTRAP_SOURCE = "\n".join(Path(__file__).with_name(n).read_text() for n in BOOTSTRAP_PARTS)
 TASK_FILE_ENV = "MFS_TASK_FILE"
 # In the step container: written before it starts, gone with it.
 TASK_FILE = CONTAINER_DIR + "/task.json"

@@ -2,7 +2,7 @@
 flow's imports loaded once, forking one child per Metaflow command.
 
 Part of the bootstrap's source (sent ahead of ``bootstrap.py`` in the same
-``python -c`` program): standard library only. The bootstrap starts it as a
+``python -c`` program, after ``warm_tuning.py``): standard library only. The bootstrap starts it as a
 second copy of itself with ``MFS_WARM_FD`` set; the two talk over a
 SOCK_SEQPACKET socket pair. A request is JSON (argv, environment, working
 folder) with the child's stdout and stderr as passed file descriptors; the
@@ -25,6 +25,11 @@ import subprocess
 import sys
 import threading
 import time
+
+try:  # imported as a module; run as `python -c`, warm_tuning.py's source came first
+    from .warm_tuning import tune_metaflow
+except ImportError:
+    pass
 
 # The bootstrap's source travels in an environment variable rather than on the
 # command line, so `ps` and `docker top` show a short command.
@@ -337,127 +342,7 @@ def _preload(flow_file):
             importlib.import_module(name)
         except BaseException:  # the step itself will say what is wrong
             pass
-    for tune in (_small_uploads_in_process, _shared_botocore_loader, _heartbeat_in_process):
-        try:
-            tune()
-        except Exception:  # another Metaflow or botocore: run as they are
-            pass
-
-
-# Up to this many bytes of a task's new artifacts go up from the task's own
-# process, one PUT after another.
-IN_PROCESS_UPLOAD_BYTES = 64 << 20
-
-
-def _small_uploads_in_process():
-    """Metaflow uploads more than 10 objects at once (a task's artifacts:
-    Metaflow's own dozen plus the user's) through a new Python process, s3op,
-    which imports Metaflow and boto3 again: 1-2.5 s of a split's 3.8 s on 2
-    cores, against about 10 ms a PUT from the task's process. Small uploads
-    therefore stay in the task's process (Metaflow's sequential path, the one
-    it takes for 10 objects or fewer); big ones keep its parallel uploader."""
-    import inspect
-
-    from metaflow.plugins.datastores.s3_storage import S3Storage
-
-    original = S3Storage.save_bytes
-    if list(inspect.signature(original).parameters) != [
-            "self", "path_and_bytes_iter", "overwrite", "len_hint"]:
-        return
-
-    def save_bytes(self, path_and_bytes_iter, overwrite=False, len_hint=0):
-        items = list(path_and_bytes_iter)
-        if _total_bytes(items) <= IN_PROCESS_UPLOAD_BYTES:
-            len_hint = 0
-        return original(self, items, overwrite=overwrite, len_hint=len_hint)
-
-    save_bytes.__doc__ = original.__doc__
-    S3Storage.save_bytes = save_bytes
-
-
-def _heartbeat_in_process():
-    """With the metadata service, every Metaflow task sends its heartbeats
-    from a sidecar: a new Python process that imports Metaflow again (0.4 s of
-    CPU a task on 2 cores, for a split whose own code takes milliseconds).
-    The sidecar's worker is a thread posting every 10 s; a fork of this
-    process runs that worker in the task's own process instead."""
-    from metaflow.plugins import SIDECARS
-    from metaflow.sidecar import sidecar
-
-    probe = sidecar.Sidecar("heartbeat")
-    if not all(hasattr(probe, a) for a in ("_sidecar_type", "_options", "_has_valid_worker",
-                                           "sidecar_process", "is_active")):
-        return
-    original = sidecar.Sidecar.start
-
-    def start(self):
-        if self._sidecar_type != "heartbeat" or not self._has_valid_worker or self.is_active:
-            return original(self)
-        worker_class = SIDECARS[self._sidecar_type].get_worker()
-        worker = worker_class(options=self._options) if self._options else worker_class()
-        self.sidecar_process = _InProcessSidecar(worker)
-
-    sidecar.Sidecar.start = start
-
-
-class _InProcessSidecar:
-    """What Sidecar expects of its process (send, kill), for a worker that
-    runs in this process. Like the sidecar's process, its failures never
-    reach the task, and the last heartbeat does not hold up the task's end
-    for more than a moment."""
-
-    def __init__(self, worker):
-        self.worker = worker
-        self.lock = threading.Lock()
-
-    def send(self, msg, retries=3, thread_safe_send=False):
-        with self.lock:
-            try:
-                self.worker.process_message(msg)
-            except Exception:
-                pass
-
-    def kill(self):
-        from metaflow.sidecar import Message, MessageTypes
-
-        last = threading.Thread(target=self.send, args=(Message(MessageTypes.SHUTDOWN, None),),
-                                daemon=True)
-        last.start()
-        last.join(timeout=2)
-
-
-def _total_bytes(items):
-    """Bytes of (path, obj or (obj, metadata)) pairs; unknown sizes count as
-    too big."""
-    total = 0
-    for _, obj in items:
-        if isinstance(obj, tuple):
-            obj = obj[0]
-        if isinstance(obj, (bytes, bytearray)):
-            total += len(obj)
-        elif hasattr(obj, "getbuffer"):
-            total += obj.getbuffer().nbytes
-        else:
-            return float("inf")
-    return total
-
-
-def _shared_botocore_loader():
-    """Metaflow's boto3 client provider makes a new boto3 Session for every
-    client, and each Session parses the S3 service model again (0.09 s here,
-    against 0.015 s from a loader that has it). The sessions of this process
-    and of its forks share one loader, which has read S3's model before the
-    first fork. Credentials are dummies: creating a client sends nothing."""
-    import functools
-
-    import boto3
-    import botocore.session
-
-    botocore.session.create_loader = functools.lru_cache(maxsize=None)(
-        botocore.session.create_loader)
-    boto3.session.Session().client(
-        "s3", region_name="us-east-1", aws_access_key_id="warm",
-        aws_secret_access_key="warm", endpoint_url="http://127.0.0.1:9")
+    tune_metaflow()
 
 
 def _flow_imports(flow_file):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from metaflow_services import warm
-from metaflow_services.executors import BOOTSTRAP_SOURCE
+from metaflow_services.executors import BOOTSTRAP_PARTS, BOOTSTRAP_SOURCE
 from support import process_running
 
 SCRIPT = """
@@ -184,9 +184,11 @@ def test_the_bootstrap_as_the_executors_start_it_has_a_warm_process(tmp_path):
 
 
 def test_bootstrap_source_is_one_program():
-    # The executors send warm.py and bootstrap.py as one `python -c` program.
-    src = Path(warm.__file__).read_text()
-    assert BOOTSTRAP_SOURCE.startswith(src)
+    # The executors send warm_tuning.py, warm.py and bootstrap.py as one
+    # `python -c` program.
+    here = Path(warm.__file__).parent
+    assert BOOTSTRAP_SOURCE == "\n".join((here / n).read_text() for n in BOOTSTRAP_PARTS)
+    assert BOOTSTRAP_PARTS[-1] == "bootstrap.py"
     compile(BOOTSTRAP_SOURCE, "bootstrap", "exec")
 
 
@@ -212,3 +214,52 @@ def test_a_metaflow_run_in_a_fork(tmp_path, flow_name, args, printed):
         assert printed in out
     finally:
         lw.close()
+
+
+UPLOAD = """
+    import io, sys
+    from metaflow.plugins.datastores.s3_storage import S3Storage
+
+    prefix, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+    def objects():
+        for i in range(count):
+            data = (b"%s %d " % (prefix.encode(), i)) * size
+            yield "%s/%d" % (prefix, i), (io.BytesIO(data[:size]), {"n": i})
+
+    # As Metaflow's content-addressed store calls it for a task's artifacts.
+    S3Storage(sys.argv[4]).save_bytes(objects(), overwrite=True, len_hint=count)
+    print("uploaded", prefix)
+"""
+
+
+@pytest.mark.parametrize("prefix,count,size,uploader", [
+    # A split's artifacts: Metaflow would start s3op (a new Python) for more
+    # than ten; they go up from the task's own process.
+    ("small", 20, 100, None),
+    # 70 MB: past the in-process limit, Metaflow's parallel uploader as before.
+    ("big", 14, 5 << 20, "s3op.py put"),
+])
+def test_artifact_uploads_from_a_fork(tmp_path, seaweedfs, prefix, count, size, uploader):
+    (tmp_path / "upload.py").write_text(textwrap.dedent(UPLOAD))
+    root = "s3://%s/warm-test/%d" % (seaweedfs.bucket, time.time() * 1000)
+    # Metaflow's debug switch logs every s3op process it starts.
+    lw = launcher(tmp_path / "upload.py", dict(seaweedfs.env(), METAFLOW_DEBUG_S3CLIENT="1"))
+    try:
+        assert lw.warm is not None, lw.describe()
+        code, out = lw.call([str(tmp_path / "upload.py"), prefix, str(count), str(size), root],
+                            {}, str(tmp_path))
+    finally:
+        lw.close()
+    assert code == 0 and "uploaded %s" % prefix in out, out[-3000:]
+    started = [line for line in out.splitlines() if "s3op.py" in line]
+    if uploader is None:
+        assert not started, started
+    else:
+        assert any(uploader in line for line in started), out[-3000:]
+    s3 = seaweedfs.client()
+    key_prefix = root.split("/", 3)[3]
+    for i in range(count):
+        body = s3.get_object(Bucket=seaweedfs.bucket, Key="%s/%s/%d" % (key_prefix, prefix, i))
+        data = body["Body"].read()
+        assert len(data) == size and data.startswith(b"%s %d " % (prefix.encode(), i))
