@@ -2,9 +2,9 @@
 flow's imports loaded once, forking one child per Metaflow command.
 
 Part of the bootstrap's source (sent ahead of ``bootstrap.py`` in the same
-``python -c`` program, after ``warm_tuning.py``): standard library only. The bootstrap starts it as a
-second copy of itself with ``MFS_WARM_FD`` set; the two talk over a
-SOCK_SEQPACKET socket pair. A request is JSON (argv, environment, working
+``python -c`` program, after ``warm_tuning.py``): standard library only. The
+bootstrap starts it as a second copy of itself with ``MFS_WARM_FD`` set; the
+two talk over a SOCK_SEQPACKET socket pair. A request is JSON (argv, environment, working
 folder) with the child's stdout and stderr as passed file descriptors; the
 answers are the child's pid when it forked and its exit status when it ended.
 
