@@ -98,6 +98,27 @@ def _heartbeat_in_process():
         self.sidecar_process = _InProcessSidecar(worker)
 
     sidecar.Sidecar.start = start
+    _quiet_worker_messages(SIDECARS["heartbeat"].get_worker())
+
+
+def _quiet_worker_messages(worker_class):
+    """A sidecar's output goes nowhere unless METAFLOW_DEBUG_SIDECAR is set.
+    In the task's process the worker's prints would land in the task's log:
+    the metadata service answers a task's first heartbeat with 404 (it
+    registered the task a moment ago), and the worker prints that. Its
+    module's print is Metaflow's debug switch, as for the sidecar."""
+    import builtins
+    import sys
+
+    from metaflow.debug import debug
+
+    debugging = debug.__dict__.get("sidecar", False)
+
+    def print_when_debugging(*args, **kwargs):
+        if debugging:
+            builtins.print(*args, **kwargs)
+
+    sys.modules[worker_class.__module__].print = print_when_debugging
 
 
 class _InProcessSidecar:

@@ -185,6 +185,16 @@ def test_a_flow_dropped_into_the_stack_runs_through_airflow(deployed, lab):
     assert run["run_number"] == mf_run and run["user_name"] == "deployer", run
     tasks = lab.metadata("flows/DeployCheckFlow/runs/%s/steps/square/tasks" % mf_run)
     assert len(tasks) == 4, tasks
+    # Each task's log in Airflow holds its own lines, not the heartbeat's
+    # complaints: the service answers a task's first heartbeat with 404,
+    # which Metaflow's sidecar never shows (the warm process's in-task
+    # heartbeat must not either).
+    for ti in json.loads(tis)["task_instances"]:
+        text = api.get(base + "/dagRuns/%s/taskInstances/%s/logs/1" % (run_id, ti["task_id"]),
+                       params={"map_index": ti["map_index"], "full_content": "true"},
+                       timeout=30).text
+        assert "/%s/" % ti["task_id"] in text and "starting" in text, text[-3000:]
+        assert "HeartBeat" not in text, text[-3000:]
     lab.results["flow_run"] = (run_id, mf_run)
 
 
