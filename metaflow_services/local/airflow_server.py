@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -116,7 +117,11 @@ class Airflow:
         if old:
             old.stop()
         self.worker_env = dict(worker_env)
-        self._start("scheduler", [binary("airflow", self.INSTALL), "scheduler"],
+        # As in the stack (compose.yaml): Airflow's scheduler, woken by a
+        # task's end (metaflow_services/scheduler.py).
+        python = Path(binary("airflow", self.INSTALL)).with_name("python")
+        python = str(python) if python.exists() else sys.executable
+        self._start("scheduler", [python, "-m", "metaflow_services.scheduler"],
                     self.env(worker_env))
 
     def _healthy(self):
