@@ -83,7 +83,10 @@ def _result_reader(executor):
 
 
 def main():
-    install()
+    if not install():
+        print("metaflow-services: this Airflow's scheduler differs from the one "
+              "metaflow_services/scheduler.py knows; it runs unchanged (a finished "
+              "task is noticed after the idle sleep).", file=sys.stderr, flush=True)
     from airflow.__main__ import main as airflow_main
 
     sys.argv = ["airflow", "scheduler"] + sys.argv[1:]
