@@ -1,4 +1,4 @@
-"""Airflow's scheduler, woken by a task's end: ``python -m
+"""Airflow's scheduler, woken by a task's end: ``python -P -m
 metaflow_services.scheduler [airflow scheduler options]``.
 
 After a loop with nothing to do, Airflow's scheduler sleeps for up to
@@ -8,13 +8,18 @@ about 0.6 s per step of a linear flow, more than a step's own Metaflow task
 takes. A shorter sleep would cost CPU all day on an idle VM (0.2 s: 11% of a
 core for the scheduler alone, against 3%).
 
-This runs Airflow's own ``airflow scheduler`` with one change: while it
-sleeps, it also watches the LocalExecutor's result queue, where a worker
-puts each finished task. A task's end wakes it; when nothing ends it sleeps
-as long as before (every loop empties the queue, so a sleep does not end at
-once on a result already seen). Other executors (edge workers) are not
-watched: their tasks are seen after the sleep, as before. When Airflow's
-internals differ from what this expects, it changes nothing.
+This runs Airflow's own ``airflow scheduler`` with two changes:
+
+- While it sleeps, it also watches the LocalExecutor's result queue, where
+  a worker puts each finished task: a task's end wakes it; when nothing ends
+  it sleeps as long as before (every loop empties the queue, so a sleep does
+  not end at once on a result already seen). Edge workers' tasks are seen
+  after the sleep, as before.
+- The supervisor of each task (in the LocalExecutor's workers, forked from
+  the scheduler) reports a task's end as soon as its process exits
+  (``_notice_exits_at_once``).
+
+When Airflow's internals differ from what this expects, it changes nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +56,39 @@ def install() -> bool:
 
     LocalExecutor.start = start
     scheduler_job_runner.time = _WakingTime()
+    try:
+        _notice_exits_at_once()
+    except ImportError:
+        pass
     return True
+
+
+def _notice_exits_at_once():
+    """Airflow's supervisor of a task (in a LocalExecutor worker, forked from
+    this process) waits for the task's sockets, then checks whether the task
+    exited. A task that closed its sockets but was not yet reaped leaves it
+    waiting on no socket at all, until its select times out (5 s, [workers]
+    min_heartbeat_interval): every other step was reported 5 s late, holding
+    its slot. With every socket closed, it now waits for the process itself."""
+    import inspect
+
+    from airflow.sdk.execution_time.supervisor import WatchedSubprocess
+
+    original = WatchedSubprocess._service_subprocess
+    if list(inspect.signature(original).parameters) != [
+            "self", "max_wait_time", "raise_on_timeout", "expect_signal"]:
+        return
+
+    def _service_subprocess(self, max_wait_time, raise_on_timeout=False, expect_signal=None):
+        if getattr(self, "_exit_code", 0) is None and not self.selector.get_map():
+            try:
+                self._process.wait(timeout=max(0.01, max_wait_time))
+            except Exception:  # still running (psutil's TimeoutExpired): checked below
+                pass
+            max_wait_time = 0
+        return original(self, max_wait_time, raise_on_timeout, expect_signal)
+
+    WatchedSubprocess._service_subprocess = _service_subprocess
 
 
 class _WakingTime:

@@ -104,6 +104,13 @@ class Airflow:
         self._start("dag-processor", [airflow, "dag-processor"], self.env())
         self.start_scheduler(worker_env or {})
         wait_for(self._healthy, 180, "Airflow api-server")
+        # As on the VM (airflow-init): users' tasks take at most as many slots
+        # as the LocalExecutor has workers. Airflow 3.3's LocalExecutor does
+        # not count what it was handed against its parallelism, so with the
+        # default pool (128 slots) the scheduler hands it every runnable task;
+        # one that waits for a worker for more than 10 minutes fails ("Invalid
+        # auth token": its token expired in the queue).
+        self.api().set_pool_slots("default_pool", int(self.env()["AIRFLOW__CORE__PARALLELISM"]))
 
     def _start(self, name, argv, env):
         self.procs[name] = p = Process(name, argv, env, self.home)
@@ -121,7 +128,9 @@ class Airflow:
         # task's end (metaflow_services/scheduler.py).
         python = Path(binary("airflow", self.INSTALL)).with_name("python")
         python = str(python) if python.exists() else sys.executable
-        self._start("scheduler", [python, "-m", "metaflow_services.scheduler"],
+        # -P: the working directory (a checkout, for tests) is not put first
+        # on sys.path, as with the `airflow` command.
+        self._start("scheduler", [python, "-P", "-m", "metaflow_services.scheduler"],
                     self.env(worker_env))
 
     def _healthy(self):
@@ -147,6 +156,11 @@ class AirflowAPI:
                           timeout=30)
         r.raise_for_status()
         self.session.headers["Authorization"] = "Bearer " + r.json()["access_token"]
+
+    def set_pool_slots(self, pool, slots):
+        r = self.session.patch(self.url + "/api/v2/pools/" + pool, params={"update_mask": "slots"},
+                               json={"slots": slots}, timeout=30)
+        r.raise_for_status()
 
     def get(self, path, **params):
         r = self.session.get(self.url + path, params=params, timeout=30)
