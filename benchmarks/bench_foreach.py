@@ -74,7 +74,7 @@ def main():
             svc = local.MetaflowService(base, pg, s3).start()
             env.update(METAFLOW_DEFAULT_METADATA="service", METAFLOW_SERVICE_URL=svc.url)
         os.environ.update(env)
-        af = local.Airflow(base, pg, env, max_map_length=1024,
+        af = local.Airflow(base, pg, env, max_map_length=1024, size_default_pool=True,
                            airflow_env={"AIRFLOW__CORE__PARALLELISM": str(args.slots)})
         af.start(local.worker_env(args.executor, base, mflocal, args.step_image))
         api = af.api()
