@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,8 @@ class Airflow:
     INSTALL = "Apache Airflow (pip install 'metaflow-services[airflow]')"
 
     def __init__(self, base: Path, postgres, task_env: dict, max_map_length=8,
-                 db="airflow", airflow_env=None, port=None, password=None, keys=None):
+                 db="airflow", airflow_env=None, port=None, password=None, keys=None,
+                 size_default_pool=False):
         self.home = base / ("airflow" if db == "airflow" else db)
         self.dags = base / ("dags" if db == "airflow" else db + "-dags")
         self.db = db
@@ -44,6 +46,7 @@ class Airflow:
         self.task_env = dict(task_env)
         self.max_map_length = max_map_length
         self.airflow_env = dict(airflow_env or {})  # wins over the defaults below
+        self.size_default_pool = size_default_pool
         self.procs = {}
         self.pids = None
 
@@ -103,6 +106,16 @@ class Airflow:
         self._start("dag-processor", [airflow, "dag-processor"], self.env())
         self.start_scheduler(worker_env or {})
         wait_for(self._healthy, 180, "Airflow api-server")
+        if self.size_default_pool:
+            # As on the VM (airflow-init): users' tasks take at most as many
+            # slots as the LocalExecutor has workers. Airflow 3.3's
+            # LocalExecutor does not count what it was handed against its
+            # parallelism, so with the default pool (128 slots) the scheduler
+            # hands it every runnable task; one that waits for a worker for
+            # more than 10 minutes fails ("Invalid auth token": its token
+            # expired in the queue). The tests' Airflow keeps Airflow's pool.
+            self.api().set_pool_slots("default_pool",
+                                      int(self.env()["AIRFLOW__CORE__PARALLELISM"]))
 
     def _start(self, name, argv, env):
         self.procs[name] = p = Process(name, argv, env, self.home)
@@ -116,7 +129,13 @@ class Airflow:
         if old:
             old.stop()
         self.worker_env = dict(worker_env)
-        self._start("scheduler", [binary("airflow", self.INSTALL), "scheduler"],
+        # As in the stack (compose.yaml): Airflow's scheduler, woken by a
+        # task's end (metaflow_services/scheduler.py).
+        python = Path(binary("airflow", self.INSTALL)).with_name("python")
+        python = str(python) if python.exists() else sys.executable
+        # -P: the working directory (a checkout, for tests) is not put first
+        # on sys.path, as with the `airflow` command.
+        self._start("scheduler", [python, "-P", "-m", "metaflow_services.scheduler"],
                     self.env(worker_env))
 
     def _healthy(self):
@@ -142,6 +161,11 @@ class AirflowAPI:
                           timeout=30)
         r.raise_for_status()
         self.session.headers["Authorization"] = "Bearer " + r.json()["access_token"]
+
+    def set_pool_slots(self, pool, slots):
+        r = self.session.patch(self.url + "/api/v2/pools/" + pool, params={"update_mask": "slots"},
+                               json={"slots": slots}, timeout=30)
+        r.raise_for_status()
 
     def get(self, path, **params):
         r = self.session.get(self.url + path, params=params, timeout=30)

@@ -164,6 +164,7 @@ class LocalStack:
         s = self.settings
         return Airflow(self.dir, postgres or self.postgres(), self.client_env(),
                        max_map_length=1024, port=s["ports"]["airflow"],
+                       size_default_pool=True,
                        password=self.secrets["airflow_password"],
                        keys={k: self.secrets[k] for k in ("jwt_secret", "secret_key",
                                                             "fernet_key")})
