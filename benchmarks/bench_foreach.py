@@ -295,11 +295,9 @@ def log_phases(api, dag_id, run_id, ti, started):
     """Seconds of each phase of a task instance, from the times of its log
     lines; task_to_user_code ends at the user code's start, finish runs from
     "Post Execute" (the step's end) to the task instance's end."""
-    r = api.session.get(api.url + "/api/v2/dags/%s/dagRuns/%s/taskInstances/%s/logs/%d"
-                        % (dag_id, run_id, ti["task_id"], ti.get("try_number") or 1),
-                        params={"map_index": ti["map_index"], "full_content": "true"},
-                        headers={"Accept": "application/json"}, timeout=30)
-    events = [e for e in (r.json().get("content") or []) if isinstance(e, dict)]
+    content = api.task_log_content(dag_id, run_id, ti["task_id"], ti.get("try_number") or 1,
+                                   ti["map_index"])
+    events = [e for e in (content if isinstance(content, list) else []) if isinstance(e, dict)]
     out, prev = {}, _ts(ti["start_date"])
     for key, mark in LOG_MARKS:
         t = next((_ts(e["timestamp"]) for e in events

@@ -224,14 +224,19 @@ class AirflowAPI:
             if len(page) < 100:
                 return found
 
-    def task_log(self, dag_id, run_id, task_id, try_number=1, map_index=-1):
+    def task_log_content(self, dag_id, run_id, task_id, try_number=1, map_index=-1):
+        """A task instance's log as Airflow's API gives it: a list of events
+        (dicts with "event", "timestamp", ...) or, for some logs, text."""
         r = self.session.get(
             self.url + "/api/v2/dags/%s/dagRuns/%s/taskInstances/%s/logs/%d"
             % (dag_id, run_id, task_id, try_number),
             params={"map_index": map_index, "full_content": "true"},
             headers={"Accept": "application/json"}, timeout=30)
         r.raise_for_status()
-        content = r.json().get("content")
+        return r.json().get("content")
+
+    def task_log(self, dag_id, run_id, task_id, try_number=1, map_index=-1):
+        content = self.task_log_content(dag_id, run_id, task_id, try_number, map_index)
         if isinstance(content, list):
             lines = []
             for c in content:
